@@ -1,0 +1,45 @@
+"""The reference, served through the backend protocol."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from memcore import reference
+from memcore.errors import MemcoreError
+from memcore.protocol import BackendBase, Capabilities
+from memcore.reference._xp import all_finite
+
+__all__ = ["NumpyBackend"]
+
+
+class NumpyBackend(BackendBase):
+    """NumPy arrays on the CPU; gradients from the reference's hand-written backward."""
+
+    name = "numpy"
+    version = np.__version__
+
+    def devices(self) -> tuple[str, ...]:
+        return ("cpu",)
+
+    def capabilities(self, device: str | None = None) -> Capabilities:
+        return Capabilities(dtypes=("float32", "float64"), autodiff="hand-written", dlpack=True)
+
+    def from_numpy(self, x: np.ndarray, *, dtype: str | None = None, device: str | None = None) -> Any:
+        if device not in (None, "cpu"):
+            raise MemcoreError(f"`device` must be one of ('cpu',) for numpy. Received: device={device!r}")
+        return np.array(x, dtype=dtype, copy=True)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.array(x, copy=True)
+
+    def _all_finite(self, x: Any) -> bool:
+        return all_finite(x)
+
+    def _forward(self, op: str, inputs: tuple[Any, ...], attributes: dict[str, Any]) -> Any:
+        return reference.forward(op, *inputs, **attributes)[0]
+
+    def _vjp(self, op: str, inputs: tuple[Any, ...], attributes: dict[str, Any], cotangent: Any):
+        out, cache = reference.forward(op, *inputs, **attributes)
+        return out, reference.backward(op, cache, cotangent)

@@ -1,0 +1,120 @@
+"""Frozen, validated configs. Frozen configs hash, so they can be static arguments to ``jax.jit``.
+
+Derive variants with ``attrs.evolve(cfg, tau=0.5)``; every validator's message shows the
+expected and the received value.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+
+from memcore.errors import MemcoreError
+
+__all__ = ["MemoryConfig", "SABConfig"]
+
+
+def _int_at_least(low: int):
+    def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise MemcoreError(
+                f"`{attribute.name}` must be an integer >= {low}. "
+                f"Received: {attribute.name}={value!r}"
+            )
+
+    return check
+
+
+def _bool(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise MemcoreError(
+            f"`{attribute.name}` must be a bool. Received: {attribute.name}={value!r}"
+        )
+
+
+def check_tau(value: Any, name: str = "tau") -> None:
+    """Validate the write temperature: a finite real in (0, 1]."""
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0.0 < value <= 1.0
+    )
+    if not ok:
+        raise MemcoreError(f"`{name}` must be a real number in (0, 1]. Received: {name}={value!r}")
+
+
+def check_eps(value: Any, name: str = "eps") -> None:
+    """Validate a non-negative finite epsilon."""
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0.0
+    )
+    if not ok:
+        raise MemcoreError(f"`{name}` must be a finite real number >= 0. Received: {name}={value!r}")
+
+
+@attrs.frozen
+class MemoryConfig:
+    """Memformer memory: K slots of width D, H heads, write temperature tau.
+
+    Attributes:
+        slots: K, the number of memory slots.
+        dim: D, the model width; must be divisible by ``heads``.
+        heads: H, attention heads for reading and writing; dh = D / H.
+        tau: write temperature in (0, 1]; logits are divided by ``sqrt(dh) * tau``
+            (Memformer Eq. 7, tau < 1 sharpens the write). Default 0.25.
+    """
+
+    slots: int = attrs.field(validator=_int_at_least(1))
+    dim: int = attrs.field(validator=_int_at_least(1))
+    heads: int = attrs.field(default=1, validator=_int_at_least(1))
+    tau: float = attrs.field(default=0.25)
+
+    @tau.validator
+    def _check_tau(self, attribute: attrs.Attribute, value: Any) -> None:
+        check_tau(value)
+
+    def __attrs_post_init__(self) -> None:
+        if self.dim % self.heads != 0:
+            raise MemcoreError(
+                f"`dim` must be divisible by `heads` ({self.heads}). "
+                f"Received: dim={self.dim}, heads={self.heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """dh = D / H."""
+        return self.dim // self.heads
+
+
+@attrs.frozen
+class SABConfig:
+    """Sparse Attentive Backtracking settings (SAB Alg. 1).
+
+    Attributes:
+        k_top: memories that can receive weight per read (the threshold is the
+            ``min(k_top + 1, N)``-th largest score).
+        k_att: a memory is written after every step t (1-based) with ``t % k_att == 0``.
+        k_trunc: truncated-BPTT chunk length; (h, c) is cut entering steps 1 + m * k_trunc.
+        eps: added to the normalizer of the sparse weights.
+        threshold_grad: let gradient flow through the threshold (the authors' release does).
+        block_score_grad: stop gradient from the scorer into h_hat and the memories.
+        include_h0_memory: put the initial h into the memory, as the authors' code does.
+    """
+
+    k_top: int = attrs.field(default=5, validator=_int_at_least(1))
+    k_att: int = attrs.field(default=10, validator=_int_at_least(1))
+    k_trunc: int = attrs.field(default=10, validator=_int_at_least(1))
+    eps: float = attrs.field(default=1e-7)
+    threshold_grad: bool = attrs.field(default=False, validator=_bool)
+    block_score_grad: bool = attrs.field(default=False, validator=_bool)
+    include_h0_memory: bool = attrs.field(default=False, validator=_bool)
+
+    @eps.validator
+    def _check_eps(self, attribute: attrs.Attribute, value: Any) -> None:
+        check_eps(value)
