@@ -32,12 +32,27 @@ _BOOL = (bool,)
 
 
 # --------------------------------------------------------------------------- checks
-def _heads_divide(bound: Mapping[str, int], at: Mapping[str, Any]) -> None:
+def _heads_divide(bound: Mapping[str, int], at: Mapping[str, Any], first: str = "x") -> None:
     d, h = bound["D"], at["num_heads"]
+    if d < 1:
+        # dh = 0 leaves the 1/sqrt(dh) scale undefined.
+        raise MemcoreError(f"`{first}` must have a width D >= 1. Received: D={d}")
     if d % h != 0:
         raise MemcoreError(
             f"`num_heads` must divide the width D = {d}. Received: num_heads={h}, D={d}"
         )
+
+
+def _slot_check(bound: Mapping[str, int], at: Mapping[str, Any]) -> None:
+    _heads_divide(bound, at, first="memory")
+
+
+def _read_check(bound: Mapping[str, int], at: Mapping[str, Any]) -> None:
+    _heads_divide(bound, at)
+    if bound["K"] < 1:
+        # A softmax over zero slots is undefined (the write keeps its self entry, the read
+        # has none).
+        raise MemcoreError(f"`memory` must have K >= 1 slots. Received: K={bound['K']}")
 
 
 def _lstm_width(bound: Mapping[str, int], at: Mapping[str, Any]) -> None:
@@ -143,8 +158,27 @@ def _errs_heads(s: Sample) -> list[ErrorCase]:
     return [ErrorCase("num_heads does not divide D", _with_attr(s, num_heads=d + 1), r"`num_heads` must")]
 
 
+def _zero_width(s: Sample, op: str) -> ErrorCase:
+    # Cut every axis the spec names D to length 0 (v_bias (K, D) keeps its K axis).
+    def cut(x: Any, t: Tensor) -> Any:
+        return x[tuple(slice(0, 0) if d == "D" else slice(None) for d in t.shape)]
+
+    ins = tuple(cut(x, t) for x, t in zip(s.inputs, OPS[op].inputs))
+    return ErrorCase("D = 0", Sample(ins, s.attrs), r"must have a width D >= 1")
+
+
+def _errs_read(s: Sample) -> list[ErrorCase]:
+    memory = s.inputs[1][:, :0]
+    ins = (s.inputs[0], memory) + tuple(s.inputs[2:])
+    return _errs_heads(s) + [
+        _zero_width(s, "memory_read"),
+        ErrorCase("memory with K = 0", Sample(ins, s.attrs), r"`memory` must have K >= 1 slots"),
+    ]
+
+
 def _errs_slot(s: Sample) -> list[ErrorCase]:
-    out = _errs_heads(s)
+    op = "memory_write" if len(s.inputs) == 6 else "slot_attention"
+    out = _errs_heads(s) + [_zero_width(s, op)]
     out += [
         ErrorCase("tau = 0", _with_attr(s, tau=0.0), r"`tau` must be a real number in \(0, 1\]"),
         ErrorCase("tau > 1", _with_attr(s, tau=1.5), r"`tau` must be a real number in \(0, 1\]"),
@@ -191,7 +225,10 @@ def error_cases(spec: OpSpec, sample: Sample) -> list[ErrorCase]:
         if i > 0 and t.shape and t.shape[0] == "B":
             y = np.concatenate([x, x[:1]], axis=0)
             out.append(ErrorCase(f"{t.name} batch mismatch", Sample(repl(y), sample.attrs), rf"`{t.name}` must have shape"))
-        if t.shape and t.shape[-1] in ("D", "Hd") and x.shape[-1] > 0 and i > 0:
+        # Only a width an earlier input already fixed can mismatch (h binds Hd in lstm_cell).
+        bound_before = {d for u in spec.inputs[:i] for d in u.shape}
+        width = t.shape[-1] if t.shape else None
+        if width in ("D", "Hd") and width in bound_before and x.shape[-1] > 0:
             y = x[..., :-1]
             out.append(ErrorCase(f"{t.name} width mismatch", Sample(repl(y), sample.attrs), rf"`{t.name}` must have shape"))
     for a in spec.attributes:
@@ -224,8 +261,8 @@ _TABLE: Sequence[OpSpec] = (
         (_num_heads,),
         (("out", ("B", "L", "D")),),
         _s_memory_read,
-        extra_check=_heads_divide,
-        errors=_errs_heads,
+        extra_check=_read_check,
+        errors=_errs_read,
         doc="Multi-head cross-attention from tokens to memory slots (Memformer Eq. 1-3).",
     ),
     OpSpec(
@@ -234,7 +271,7 @@ _TABLE: Sequence[OpSpec] = (
         (_num_heads, _tau, _token_mask),
         (("out", ("B", "K", "D")),),
         _s_slot_attention,
-        extra_check=_heads_divide,
+        extra_check=_slot_check,
         errors=_errs_slot,
         doc="Each slot attends to [itself; tokens], logits / (sqrt(dh) tau) (Memformer Eq. 4-8).",
     ),
@@ -252,7 +289,7 @@ _TABLE: Sequence[OpSpec] = (
         (_num_heads, _tau, _token_mask),
         (("out", ("B", "K", "D")),),
         _s_memory_write,
-        extra_check=_heads_divide,
+        extra_check=_slot_check,
         errors=_errs_slot,
         doc="bmn(slot_attention(memory, x), v_bias).",
     ),

@@ -212,6 +212,10 @@ class OpSpec:
                 filled[a.name] = a.default
                 continue
             value = attributes[a.name]
+            if isinstance(value, np.generic):
+                # A NumPy scalar becomes its Python value: np.float64(0.5) would otherwise
+                # promote float32 inputs to float64 (NEP 50), and np.int64(3) is an int.
+                value = value.item()
             if isinstance(value, bool) and bool not in a.types:
                 ok = False
             else:

@@ -11,6 +11,16 @@ import attrs
 __all__ = ["Options", "get_options", "options"]
 
 
+def _bool(inst: object, attribute: attrs.Attribute, value: object) -> None:
+    # MemcoreError, not attrs' TypeError: every bad input raises the one error family.
+    if not isinstance(value, bool):
+        from memcore.errors import MemcoreError
+
+        raise MemcoreError(
+            f"`{attribute.name}` must be a bool. Received: {attribute.name}={value!r}"
+        )
+
+
 @attrs.frozen
 class Options:
     """Process-wide defaults that a ``with memcore.options(...)`` block can override.
@@ -20,7 +30,7 @@ class Options:
             On by default; turning it off saves one pass over every input.
     """
 
-    check_finite: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    check_finite: bool = attrs.field(default=True, validator=_bool)
 
 
 _current: contextvars.ContextVar[Options] = contextvars.ContextVar("memcore_options", default=Options())

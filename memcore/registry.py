@@ -91,9 +91,10 @@ def available_backends() -> list[str]:
 def _config_file_backend(cwd: pathlib.Path) -> str | None:
     own = cwd / "memcore.toml"
     if own.is_file():
-        data = _read_toml(own)
-        value = data.get("backend")
-        return _config_value(value, own)
+        value = _config_value(_read_toml(own).get("backend"), own)
+        # First match wins: a memcore.toml without a backend key defers to pyproject.toml.
+        if value is not None:
+            return value
     project = cwd / "pyproject.toml"
     if project.is_file():
         data = _read_toml(project)

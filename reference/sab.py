@@ -46,11 +46,13 @@ def sab_scores_backward(cache: ScoresCache, d_scores):
     """
     k = cache
     xp = array_namespace(d_scores)
-    a_dim = k.t.shape[-1]
-    dw3 = xp.matmul(xp.reshape(d_scores, (1, -1)), xp.reshape(k.t, (-1, a_dim)))[0]
+    b, n, a_dim = k.t.shape
+    hd = k.memories.shape[-1]
+    # Explicit sizes, not -1: a zero-size axis (N, A or Hd = 0) makes -1 ambiguous.
+    dw3 = xp.matmul(xp.reshape(d_scores, (1, b * n)), xp.reshape(k.t, (b * n, a_dim)))[0]
     dpre = d_scores[..., None] * k.w3 * (1.0 - k.t * k.t)
     dmem = xp.matmul(dpre, mT(xp, k.w1))
-    dw1 = xp.matmul(mT(xp, xp.reshape(k.memories, (-1, k.memories.shape[-1]))), xp.reshape(dpre, (-1, a_dim)))
+    dw1 = xp.matmul(mT(xp, xp.reshape(k.memories, (b * n, hd))), xp.reshape(dpre, (b * n, a_dim)))
     dq = xp.sum(dpre, axis=1)
     return xp.matmul(dq, mT(xp, k.w2)), dmem, dw1, xp.matmul(mT(xp, k.h_hat), dq), dw3
 

@@ -1,0 +1,154 @@
+"""Reference op pairs with the fused kernels swapped in, producing the reference's own caches.
+
+Each ``*_forward`` here returns ``(out, cache)`` with the cache type of the matching
+function in ``memcore.reference`` (``BmnCache``, ``SlotCache``, ``WriteCache``,
+``SparsifyCache``, ``RetrieveCache``), so a fused forward can feed either the fused or the
+reference backward. The math lives in the kernels (``kernels.py``) and the reference;
+what is here is only the composition the reference also uses (``memory_write`` =
+``bmn`` after ``slot_attention``; ``sparse_retrieve`` = scores, sparsify, weighted sum).
+
+Shapes: memory (B, K, D); x (B, L, D); v_bias (K, D); scores (B, N); memories (B, N, Hd).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import cupy as cp
+
+from memcore.reference import attention as ref_attention
+from memcore.reference import sab as ref_sab
+from memcore.reference._xp import split_heads
+from memcore.reference.memory import BmnCache, WriteCache
+from memcore.reference.sab import RetrieveCache, SparsifyCache
+
+from memcore.backends.cupy import kernels
+
+__all__ = [
+    "FUSED_OPS",
+    "bmn_forward",
+    "bmn_backward",
+    "slot_attention_forward",
+    "slot_attention_backward",
+    "slot_attention_output",
+    "memory_write_forward",
+    "memory_write_output",
+    "memory_write_backward",
+    "sparsify_forward",
+    "sparsify_backward",
+    "sparse_retrieve_forward",
+    "sparse_retrieve_backward",
+]
+
+
+# ------------------------------------------------------------------ bmn
+def bmn_forward(m: Any, v_bias: Any) -> tuple[Any, BmnCache]:
+    """Fused BMN: (B, K, D) unit rows of m + v_bias, and the reference's BmnCache."""
+    y, n = kernels.bmn_forward(m, v_bias)
+    return y, BmnCache(y, n)
+
+
+def bmn_backward(cache: BmnCache, d_out: Any) -> tuple[Any, Any]:
+    """(dm (B, K, D), dv_bias (K, D)): fused projection backward, batch sum for v_bias."""
+    du = kernels.bmn_backward(cache.y, cache.n, d_out)
+    return du, du.sum(axis=0)
+
+
+# ------------------------------------------------------------------ slot attention
+def slot_attention_forward(memory, x, wq, wk, wv, *, num_heads: int, tau: float = 0.25, token_mask=None):
+    """Slot attention with the per-(b, h, slot) pass fused; projections stay in cuBLAS.
+
+    Returns:
+        (out (B, K, D), the reference's SlotCache) with weights (B, H, K, L + 1).
+    """
+    scale = 1.0 / (math.sqrt(memory.shape[-1] // num_heads) * tau)
+    q, ks, kx, vx = memory @ wq, memory @ wk, x @ wk, x @ wv
+    out, a = kernels.slot_attention_core(
+        q, ks, kx, vx, memory, num_heads=num_heads, scale=scale, token_mask=token_mask, store_weights=True
+    )
+    heads = tuple(split_heads(cp, t, num_heads) for t in (q, ks, kx, vx, memory))
+    return out, ref_attention.SlotCache(memory, x, wq, wk, wv, *heads, a, scale, num_heads)
+
+
+def slot_attention_output(memory, x, wq, wk, wv, *, num_heads: int, tau: float = 0.25, token_mask=None):
+    """Forward only (no weights stored): out (B, K, D)."""
+    scale = 1.0 / (math.sqrt(memory.shape[-1] // num_heads) * tau)
+    out, _ = kernels.slot_attention_core(
+        memory @ wq, memory @ wk, x @ wk, x @ wv, memory,
+        num_heads=num_heads, scale=scale, token_mask=token_mask,
+    )
+    return out
+
+
+slot_attention_backward = ref_attention.slot_attention_backward
+
+
+# ------------------------------------------------------------------ memory write
+def memory_write_forward(memory, x, wq, wk, wv, v_bias, *, num_heads: int, tau: float = 0.25, token_mask=None):
+    """bmn(slot_attention(...)) with both halves fused: (B, K, D) and the WriteCache."""
+    m, slot = slot_attention_forward(memory, x, wq, wk, wv, num_heads=num_heads, tau=tau, token_mask=token_mask)
+    y, norm = bmn_forward(m, v_bias)
+    return y, WriteCache(slot, norm)
+
+
+def memory_write_output(memory, x, wq, wk, wv, v_bias, *, num_heads: int, tau: float = 0.25, token_mask=None):
+    """Forward only: bmn(slot_attention(...)) without storing weights, (B, K, D)."""
+    m = slot_attention_output(memory, x, wq, wk, wv, num_heads=num_heads, tau=tau, token_mask=token_mask)
+    return kernels.bmn_forward(m, v_bias)[0]
+
+
+def memory_write_backward(cache: WriteCache, d_out):
+    """(dmemory, dx, dwq, dwk, dwv, dv_bias): fused BMN backward, then slot attention's."""
+    dm, dv_bias = bmn_backward(cache.bmn, d_out)
+    return slot_attention_backward(cache.slot, dm) + (dv_bias,)
+
+
+# ------------------------------------------------------------------ sparsify
+def sparsify_forward(scores, *, k_top: int, eps: float = 1e-7, threshold_grad: bool = False):
+    """Fused sparsifier for N >= 1 (the reference handles N = 0): (B, N), SparsifyCache."""
+    if scores.shape[-1] == 0:
+        return ref_sab.sparsify_forward(scores, k_top=k_top, eps=eps, threshold_grad=threshold_grad)
+    w, active, at_thr, denom = kernels.sparsify_forward(scores, k_top, eps)
+    return w, SparsifyCache(w, active, denom, at_thr, threshold_grad)
+
+
+def sparsify_backward(cache: SparsifyCache, d_w):
+    """(d_scores,) from the fused backward (the reference's for N = 0)."""
+    if d_w.shape[-1] == 0:
+        return ref_sab.sparsify_backward(cache, d_w)
+    return (kernels.sparsify_backward(d_w, cache.w, cache.active, cache.at_threshold, cache.denom,
+                                      cache.threshold_grad),)
+
+
+# ------------------------------------------------------------------ sparse retrieve
+def sparse_retrieve_forward(h_hat, memories, w1, w2, w3, *, k_top: int, eps: float = 1e-7,
+                            threshold_grad: bool = False, block_score_grad: bool = False):
+    """((s (B, Hd), weights (B, N)), RetrieveCache) with the fused sparsifier."""
+    a, sc = ref_sab.sab_scores_forward(h_hat, memories, w1, w2, w3)
+    w, sp = sparsify_forward(a, k_top=k_top, eps=eps, threshold_grad=threshold_grad)
+    s = (w[:, None, :] @ memories)[:, 0, :]
+    return (s, w), RetrieveCache(sc, sp, memories, w, block_score_grad)
+
+
+def sparse_retrieve_backward(cache: RetrieveCache, grad_out):
+    """(dh_hat, dmemories, dw1, dw2, dw3): the reference's chain with the fused sparsify backward."""
+    ds, d_weights = grad_out
+    k = cache
+    dw = d_weights + (k.memories @ ds[:, :, None])[:, :, 0]
+    dmem = k.w[:, :, None] * ds[:, None, :]
+    (da,) = sparsify_backward(k.sparsify, dw)
+    dh, dmem_score, dw1, dw2, dw3 = ref_sab.sab_scores_backward(k.scores, da)
+    if k.block_score_grad:
+        return cp.zeros_like(dh), dmem, dw1, dw2, dw3
+    return dh, dmem + dmem_score, dw1, dw2, dw3
+
+
+# op name -> (forward, backward, forward-only or None)
+FUSED_OPS = {
+    "bmn": (bmn_forward, bmn_backward, None),
+    "slot_attention": (slot_attention_forward, slot_attention_backward, slot_attention_output),
+    "memory_write": (memory_write_forward, memory_write_backward, memory_write_output),
+    "sparsify": (sparsify_forward, sparsify_backward, None),
+    "sparse_retrieve": (sparse_retrieve_forward, sparse_retrieve_backward, None),
+}

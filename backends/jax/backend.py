@@ -1,0 +1,172 @@
+"""The JAX backend: every op in ``jax.numpy``, gradients from ``jax.vjp``.
+
+float64 is offered only when ``jax_enable_x64`` is on; this module reads that flag and
+never sets it (it is process-wide and sticky: set ``JAX_ENABLE_X64=1`` before JAX is
+first imported). Ops run jitted with their scalar attributes as static arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memcore.backends.jax import routing
+from memcore.backends.jax.attention import memory_read, slot_attention
+from memcore.backends.jax.lstm import lstm_cell
+from memcore.backends.jax.memory import bmn, memory_init, memory_reset, memory_write
+from memcore.backends.jax.sab import sab_scores, sparse_retrieve, sparsify
+from memcore.errors import MemcoreError
+from memcore.ops import OPS
+from memcore.opspec import Tensor
+from memcore.protocol import BackendBase, Capabilities
+
+__all__ = ["JaxBackend", "OP_FUNCTIONS"]
+
+OP_FUNCTIONS = {
+    "memory_read": memory_read,
+    "slot_attention": slot_attention,
+    "bmn": bmn,
+    "memory_write": memory_write,
+    "memory_init": memory_init,
+    "memory_reset": memory_reset,
+    "lstm_cell": lstm_cell,
+    "sab_scores": sab_scores,
+    "sparsify": sparsify,
+    "sparse_retrieve": sparse_retrieve,
+}
+assert set(OP_FUNCTIONS) == set(OPS), "every registered op needs a JAX implementation"
+
+
+def _split(op: str, attributes: dict[str, Any]) -> tuple[tuple[tuple[str, Any], ...], dict[str, Any]]:
+    """Scalar attributes (static, hashable) and array attributes (traced)."""
+    arrays = {a.name for a in OPS[op].attributes if isinstance(a, Tensor)}
+    static = tuple(sorted((k, v) for k, v in attributes.items() if k not in arrays))
+    return static, {k: v for k, v in attributes.items() if k in arrays}
+
+
+@functools.partial(jax.jit, static_argnames=("op", "static"))
+def _forward_jit(inputs, arrays, *, op, static):
+    return OP_FUNCTIONS[op](*inputs, **dict(static), **arrays)
+
+
+@functools.partial(jax.jit, static_argnames=("op", "static"))
+def _vjp_jit(inputs, arrays, cotangent, *, op, static):
+    def fn(*xs):
+        return OP_FUNCTIONS[op](*xs, **dict(static), **arrays)
+
+    out, pull = jax.vjp(fn, *inputs)
+    ct = jax.tree_util.tree_map(lambda c, o: jnp.asarray(c, dtype=o.dtype), cotangent, out)
+    return out, pull(ct)
+
+
+class JaxBackend(BackendBase):
+    """JAX arrays on CPU or GPU; gradients from JAX autodiff (``jax.vjp``)."""
+
+    name = "jax"
+    version = jax.__version__
+
+    # ------------------------------------------------------------------ devices
+    def devices(self) -> tuple[str, ...]:
+        """"cpu" plus "cuda:N" for each NVIDIA GPU ("gpu:N" for other GPU platforms)."""
+        out = ["cpu"]
+        try:
+            gpus = jax.devices("gpu")
+        except RuntimeError:
+            gpus = []
+        for i, d in enumerate(gpus):
+            kind = "cuda" if "nvidia" in str(getattr(d, "device_kind", "")).lower() or d.platform == "cuda" else "gpu"
+            out.append(f"{kind}:{i}")
+        return tuple(out)
+
+    def _device(self, device: str | None) -> Any:
+        if device is None:
+            return None
+        names = self.devices()
+        if device == "cpu":
+            return jax.devices("cpu")[0]
+        alias = device.replace("cuda:", "gpu:")
+        for i, name in enumerate(n for n in names if n != "cpu"):
+            if device == name or alias == f"gpu:{i}":
+                return jax.devices("gpu")[i]
+        raise MemcoreError(f"`device` must be one of {names} for jax. Received: device={device!r}")
+
+    def capabilities(self, device: str | None = None) -> Capabilities:
+        """bfloat16/float16/float32 always; float64 only when ``jax_enable_x64`` is on."""
+        self._device(device)
+        dtypes = ("bfloat16", "float16", "float32") + (("float64",) if self.x64_enabled() else ())
+        return Capabilities(dtypes=dtypes, autodiff="native", dlpack=True)
+
+    # ------------------------------------------------------------------ numerics
+    @staticmethod
+    def x64_enabled() -> bool:
+        """The current ``jax_enable_x64`` flag (read, never set)."""
+        return bool(jax.config.jax_enable_x64)
+
+    def numerics_settings(self) -> dict[str, Any]:
+        """Settings that change results, for the conformance report."""
+        return {
+            "jax_enable_x64": self.x64_enabled(),
+            "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+        }
+
+    def pin_numerics(self) -> dict[str, Any]:
+        """Full float32 matmul precision (no TF32 / bf16 passes on GPUs); returns the settings."""
+        jax.config.update("jax_default_matmul_precision", "highest")
+        return self.numerics_settings()
+
+    # ------------------------------------------------------------------ arrays
+    def from_numpy(self, x: np.ndarray, *, dtype: str | None = None, device: str | None = None) -> Any:
+        arr = np.asarray(x)
+        want = np.dtype(dtype) if dtype is not None and dtype != "bfloat16" else arr.dtype
+        if str(dtype) == "float64" or (dtype is None and arr.dtype == np.float64):
+            if not self.x64_enabled():
+                raise MemcoreError(
+                    "`dtype` float64 needs jax_enable_x64 (set JAX_ENABLE_X64=1 before importing jax). "
+                    f"Received: dtype={dtype or arr.dtype}, jax_enable_x64=False"
+                )
+        if dtype == "bfloat16":
+            want = jnp.bfloat16
+        if np.issubdtype(arr.dtype, np.integer) and dtype is None and not self.x64_enabled():
+            want = np.int32
+        return jax.device_put(jnp.asarray(arr, dtype=want), self._device(device))
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.array(jax.device_get(x), copy=True)
+
+    def _all_finite(self, x: Any) -> bool:
+        if isinstance(x, jax.Array):
+            return bool(jnp.all(jnp.isfinite(x)))
+        return bool(np.all(np.isfinite(np.asarray(x))))
+
+    # ------------------------------------------------------------------ ops
+    def _forward(self, op: str, inputs: tuple[Any, ...], attributes: dict[str, Any]) -> Any:
+        static, arrays = _split(op, attributes)
+        return _forward_jit(tuple(inputs), arrays, op=op, static=static)
+
+    def _vjp(self, op: str, inputs: tuple[Any, ...], attributes: dict[str, Any], cotangent: Any):
+        static, arrays = _split(op, attributes)
+        ct = tuple(cotangent) if OPS[op].multi_output else cotangent
+        out, grads = _vjp_jit(tuple(inputs), arrays, ct, op=op, static=static)
+        diff = OPS[op].differentiable
+        return out, tuple(g if d else None for g, d in zip(grads, diff))
+
+    # ------------------------------------------------------------------ routing
+    def bptt(self, step, params, xs, state0, targets, **kwargs):
+        """See :func:`memcore.backends.jax.routing.bptt`."""
+        return routing.bptt(step, params, xs, state0, targets, **kwargs)
+
+    def mrbp(self, params, xs, M0, targets, **kwargs):
+        """See :func:`memcore.backends.jax.routing.mrbp` (``method`` "checkpoint" or "replay")."""
+        return routing.mrbp(params, xs, M0, targets, **kwargs)
+
+    def sab_bptt(self, params, xs, state0, targets, **kwargs):
+        """See :func:`memcore.backends.jax.routing.sab_bptt`."""
+        return routing.sab_bptt(params, xs, state0, targets, **kwargs)
+
+    def sab_sparse_replay(self, params, xs, state0, targets, **kwargs):
+        """See :func:`memcore.backends.jax.routing.sab_sparse_replay`."""
+        return routing.sab_sparse_replay(params, xs, state0, targets, **kwargs)

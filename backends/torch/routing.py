@@ -1,0 +1,336 @@
+"""Gradient routing in torch: BPTT, MRBP (Memformer Alg. 1) and SAB sparse replay.
+
+Every driver follows the routing contract of ``docs/semantics.md`` and returns a
+:class:`memcore.routing_types.RoutingResult`. Gradients come from torch autograd.
+
+Memory accounting (``peak_cache_bytes``): bytes of the distinct tensor storages that
+autograd saves for backward (counted with ``torch.autograd.graph.saved_tensors_hooks``)
+plus the states a driver stores itself (MRBP's M_0..M_T; sparse replay's chunk-boundary
+(h, c) and memory vectors), at the worst moment. Storages the caller holds anyway
+(parameters, xs, targets, masks) are not counted; a storage is counted once however
+many views of it are saved. BPTT's worst moment is the end of the forward (the whole
+graph); MRBP's is the stored memories plus the largest single-step graph; sparse
+replay's is the stored states plus the largest single-chunk graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from memcore.backends.torch.steps import loss_weight, memformer_step, sab_step, stack_memories, step_loss
+from memcore.backends.torch.validate import check_memformer, check_sab
+from memcore.errors import MemcoreError
+from memcore.routing_types import Loss, RoutingResult
+
+__all__ = ["SavedBytes", "bptt", "mrbp", "mrbp_accumulate", "sab_bptt", "sab_sparse_replay"]
+
+
+class SavedBytes:
+    """Counts the distinct storages autograd saves for backward inside a ``with`` block.
+
+    Args:
+        exclude: tensors whose storages are not counted (held by the caller anyway).
+    """
+
+    def __init__(self, exclude: Sequence[Any] = ()) -> None:
+        self._skip = {_key(t) for t in exclude if isinstance(t, torch.Tensor)}
+        self._seen: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = _key(t)
+        if key not in self._skip and key not in self._seen:
+            self._seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self._seen.values())
+
+    def __enter__(self) -> SavedBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def _key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes of the distinct storages of ``tensors``."""
+    seen = {_key(t): t.untyped_storage().nbytes() for t in tensors}
+    return sum(seen.values())
+
+
+def _leaves(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fresh leaves sharing storage with ``params``: the caller's tensors are never touched."""
+    return {k: v.detach().requires_grad_(True) for k, v in params.items()}
+
+
+def _grads(leaves: Mapping[str, torch.Tensor], grads: Sequence[Any]) -> dict[str, torch.Tensor]:
+    return {k: torch.zeros_like(v) if g is None else g.detach() for (k, v), g in zip(leaves.items(), grads)}
+
+
+def _zero_if_none(g: Any, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if g is None else g.detach()
+
+
+def _held(params: Mapping[str, Any], *others: Any) -> list[Any]:
+    return list(params.values()) + [o for o in others if isinstance(o, torch.Tensor)]
+
+
+# ---------------------------------------------------------------------- Memformer
+def _memformer_loss(P, xs, M, targets, config, loss, resets, token_mask, truncate_every):
+    """Whole-graph forward: (L, M_T)."""
+    total = xs.new_zeros(())
+    for t in range(xs.shape[0]):
+        if truncate_every is not None and t > 0 and t % truncate_every == 0:
+            M = M.detach()  # stop-gradient on M_t, before its reset (the contract's cut)
+        M, y = memformer_step(
+            P, xs[t], M, config=config,
+            reset=None if resets is None else resets[t],
+            token_mask=None if token_mask is None else token_mask[t],
+        )
+        total = total + loss_weight(loss.weights, t) * step_loss(y, targets[t], loss.kind, P)
+    return total, M
+
+
+def _bptt_memformer(params, xs, M0, targets, *, config, loss, resets, token_mask, truncate_every):
+    check_memformer(params, xs, M0, targets, config=config, loss=loss, resets=resets,
+                    token_mask=token_mask, truncate_every=truncate_every)
+    P = _leaves(params)
+    M0_leaf = M0.detach().requires_grad_(True)
+    with torch.enable_grad(), SavedBytes(_held(params, xs, targets, resets, token_mask)) as saved:
+        total, M_T = _memformer_loss(P, xs, M0_leaf, targets, config, loss, resets, token_mask, truncate_every)
+        grads = torch.autograd.grad(total, list(P.values()) + [M0_leaf], allow_unused=True)
+    return RoutingResult(
+        loss=float(total.detach()), grads=_grads(P, grads[:-1]), d_state0=_zero_if_none(grads[-1], M0),
+        final_state=M_T.detach(), peak_cache_bytes=saved.total,
+    )
+
+
+def mrbp_accumulate(P, xs, M0, targets, *, config, loss=Loss(), resets=None, token_mask=None, truncate_every=None):
+    """Memformer Alg. 1 on leaves ``P`` that require grad: their ``.grad`` accumulates dL/dP.
+
+    A no-grad forward keeps only M_0..M_T; then for t = T-1..0 step t is recomputed from
+    M_t and ``torch.autograd.backward`` sends (weight_t dl_t, dM_{t+1}) through it, so at
+    most one step's graph exists at a time. Inputs are assumed validated.
+
+    Returns:
+        (L as float, dM_0 (B, K, D), M_T (B, K, D), peak_cache_bytes).
+    """
+    T = xs.shape[0]
+
+    def run(t: int, M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        M_next, y = memformer_step(
+            P, xs[t], M, config=config,
+            reset=None if resets is None else resets[t],
+            token_mask=None if token_mask is None else token_mask[t],
+        )
+        return M_next, loss_weight(loss.weights, t) * step_loss(y, targets[t], loss.kind, P)
+
+    total = xs.new_zeros((), dtype=torch.float64)
+    memories = [M0.detach()]
+    with torch.no_grad():
+        for t in range(T):
+            M_next, l_t = run(t, memories[-1])
+            memories.append(M_next)
+            total += l_t
+    stored = _nbytes(memories)
+    held = _held(P, xs, targets, resets, token_mask) + memories
+    d_memory: torch.Tensor | None = None
+    step_peak = 0
+    for t in reversed(range(T)):
+        M_in = memories[t].detach().requires_grad_(True)
+        with torch.enable_grad(), SavedBytes(held) as saved:
+            M_next, l_t = run(t, M_in)
+            outs, cts = [l_t], [torch.ones_like(l_t)]
+            if d_memory is not None:
+                outs.append(M_next)
+                cts.append(d_memory)
+            torch.autograd.backward(outs, cts)
+        step_peak = max(step_peak, saved.total)
+        d_memory = M_in.grad
+        if truncate_every is not None and t > 0 and t % truncate_every == 0:
+            d_memory = None  # stop-gradient on M_t: step t-1 gets no memory gradient
+    d0 = torch.zeros_like(M0) if d_memory is None else d_memory.detach()
+    return float(total), d0, memories[-1], stored + step_peak
+
+
+def _mrbp(params, xs, M0, targets, *, config, loss, resets, token_mask, truncate_every):
+    check_memformer(params, xs, M0, targets, config=config, loss=loss, resets=resets,
+                    token_mask=token_mask, truncate_every=truncate_every)
+    P = _leaves(params)
+    total, d0, M_T, peak = mrbp_accumulate(
+        P, xs, M0, targets, config=config, loss=loss, resets=resets, token_mask=token_mask,
+        truncate_every=truncate_every,
+    )
+    return RoutingResult(
+        loss=total, grads={k: _zero_if_none(v.grad, v) for k, v in P.items()}, d_state0=d0,
+        final_state=M_T, peak_cache_bytes=peak,
+    )
+
+
+def mrbp(params, xs, M0, targets, *, config, loss=Loss(), resets=None, token_mask=None,
+         truncate_every=None) -> RoutingResult:
+    """Memory Replay Back-Propagation (Memformer Alg. 1) with per-step autograd.backward.
+
+    Args:
+        params: MEMFORMER_PARAMS (+ head_w for xent) tensors; xs: (T, B, L, D); M0: (B, K, D).
+        targets: (T, B, L, D) float (mse) or (T, B, L) class ids (xent).
+        config: memcore.MemoryConfig; loss: memcore.routing_types.Loss.
+        resets: (T, B) bool or None; token_mask: (T, B, L) bool or None.
+        truncate_every: k: stop-gradient on M_t entering step t when t % k == 0, t > 0.
+
+    Returns:
+        RoutingResult with d_state0 = dM_0 and final_state = M_T, equal to BPTT's.
+    """
+    return _mrbp(params, xs, M0, targets, config=config, loss=loss, resets=resets,
+                 token_mask=token_mask, truncate_every=truncate_every)
+
+
+# ---------------------------------------------------------------------- SAB
+def _sab_graph(P, xs, h, c, targets, config, loss, truncate):
+    """Whole-graph SAB forward: (L, h_T, c_T); ``truncate`` applies the k_trunc cuts."""
+    memories = [h] if config.include_h0_memory else []
+    total = xs.new_zeros(())
+    for t in range(1, xs.shape[0] + 1):
+        if truncate and t > 1 and (t - 1) % config.k_trunc == 0:
+            h, c = h.detach(), c.detach()
+        h, c, y, _ = sab_step(P, xs[t - 1], h, c, stack_memories(memories, h), config=config)
+        total = total + loss_weight(loss.weights, t - 1) * step_loss(y, targets[t - 1], loss.kind, P)
+        if t % config.k_att == 0:
+            memories.append(h)
+    return total, h, c
+
+
+def _sab_whole(params, xs, state0, targets, *, config, loss, truncate: bool) -> RoutingResult:
+    check_sab(params, xs, state0, targets, config=config, loss=loss)
+    P = _leaves(params)
+    h0, c0 = (s.detach().requires_grad_(True) for s in state0)
+    with torch.enable_grad(), SavedBytes(_held(params, xs, targets)) as saved:
+        total, h, c = _sab_graph(P, xs, h0, c0, targets, config, loss, truncate)
+        grads = torch.autograd.grad(total, list(P.values()) + [h0, c0], allow_unused=True)
+    return RoutingResult(
+        loss=float(total.detach()), grads=_grads(P, grads[:-2]),
+        d_state0=(_zero_if_none(grads[-2], h0), _zero_if_none(grads[-1], c0)),
+        final_state=(h.detach(), c.detach()), peak_cache_bytes=saved.total,
+    )
+
+
+def bptt(step: str, params, xs, state0, targets, *, config, loss=Loss(), resets=None, token_mask=None,
+         truncate_every=None) -> RoutingResult:
+    """Full BPTT: every step kept, one reverse sweep: the exact gradient of the forward graph.
+
+    Args:
+        step: "memformer" (state0 = M_0 (B, K, D)) or "sab" (state0 = (h0, c0), no chunk cuts;
+            the step's own stop-gradients from threshold_grad / block_score_grad remain).
+        resets, token_mask, truncate_every: memformer only (see :func:`mrbp`).
+    """
+    if step == "memformer":
+        return _bptt_memformer(params, xs, state0, targets, config=config, loss=loss, resets=resets,
+                               token_mask=token_mask, truncate_every=truncate_every)
+    if step == "sab":
+        for name, value in (("resets", resets), ("token_mask", token_mask), ("truncate_every", truncate_every)):
+            if value is not None:
+                raise MemcoreError(f"`{name}` must be None for step 'sab'. Received: {name} of type {type(value).__name__}")
+        return _sab_whole(params, xs, state0, targets, config=config, loss=loss, truncate=False)
+    raise MemcoreError(f"`step` must be one of 'memformer', 'sab'. Received: step={step!r}")
+
+
+def sab_bptt(params, xs, state0, targets, *, config, loss=Loss()) -> RoutingResult:
+    """SAB with chunked truncation ((h, c) cut entering t = 1 + m k_trunc), whole graph kept.
+
+    Args:
+        params: SAB_PARAMS (+ head_w for xent); xs: (T, B, I); state0: (h0, c0), each (B, Hd).
+        targets: (T, B, O) float (mse) or (T, B) class ids (xent); config: memcore.SABConfig.
+    """
+    return _sab_whole(params, xs, state0, targets, config=config, loss=loss, truncate=True)
+
+
+def sab_sparse_replay(params, xs, state0, targets, *, config, loss=Loss()) -> RoutingResult:
+    """The gradient of :func:`sab_bptt` keeping only chunk-boundary states and memory vectors.
+
+    A no-grad forward stores (h, c) entering each chunk and every memory vector. Chunks are
+    then replayed last to first: chunk c is recomputed from its boundary state with the
+    earlier memories as leaves, and back-propagates its weighted losses plus the gradient
+    that later chunks sent into the memories it wrote; the gradient reaching the earlier
+    memories is accumulated for the chunks that wrote them. A chunk with no non-zero loss
+    weight and no memory with non-zero gradient is skipped. ``replayed_chunks`` lists the
+    replayed 0-based chunk indices in replay order (descending).
+    """
+    check_sab(params, xs, state0, targets, config=config, loss=loss)
+    cfg, T = config, int(xs.shape[0])
+    P = _leaves(params)
+    n_chunks = -(-T // cfg.k_trunc)
+    boundary: list[tuple[torch.Tensor, torch.Tensor]] = []
+    memories: list[torch.Tensor] = []
+    writer: list[int] = []  # chunk that wrote each memory (-1: h0)
+    h, c = (s.detach() for s in state0)
+    if cfg.include_h0_memory:
+        memories.append(h)
+        writer.append(-1)
+    total = xs.new_zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for t in range(1, T + 1):
+            if (t - 1) % cfg.k_trunc == 0:
+                boundary.append((h, c))
+            h, c, y, _ = sab_step(P, xs[t - 1], h, c, stack_memories(memories, h), config=cfg)
+            total += loss_weight(loss.weights, t - 1) * step_loss(y, targets[t - 1], loss.kind, P)
+            if t % cfg.k_att == 0:
+                memories.append(h)
+                writer.append((t - 1) // cfg.k_trunc)
+    final = (h, c)
+    stored_tensors = [s for pair in boundary for s in pair] + memories
+    stored = _nbytes(stored_tensors)
+    held = _held(P, xs, targets) + stored_tensors
+    d_mem: list[torch.Tensor | None] = [None] * len(memories)
+    d_h0 = d_c0 = None
+    replayed: list[int] = []
+    chunk_peak = 0
+    for chunk in reversed(range(n_chunks)):
+        first, last = chunk * cfg.k_trunc + 1, min((chunk + 1) * cfg.k_trunc, T)
+        mine = [j for j, w in enumerate(writer) if w == chunk]
+        has_loss = any(loss_weight(loss.weights, t - 1) != 0.0 for t in range(first, last + 1))
+        fed = any(d_mem[j] is not None and bool((d_mem[j] != 0).any()) for j in mine)
+        if not (has_loss or fed):
+            continue
+        replayed.append(chunk)
+        n_before = sum(1 for w in writer if w < chunk)  # writers are in time order
+        earlier = [m.detach().requires_grad_(True) for m in memories[:n_before]]
+        h, c = (s.detach().requires_grad_(chunk == 0) for s in boundary[chunk])
+        h_in, c_in = h, c
+        live = list(earlier)
+        with torch.enable_grad(), SavedBytes(held) as saved:
+            l_chunk = xs.new_zeros(())
+            outs, cts = [], []
+            for t in range(first, last + 1):
+                h, c, y, _ = sab_step(P, xs[t - 1], h, c, stack_memories(live, h), config=cfg)
+                l_chunk = l_chunk + loss_weight(loss.weights, t - 1) * step_loss(y, targets[t - 1], loss.kind, P)
+                if t % cfg.k_att == 0:
+                    j = len(live)
+                    live.append(h)
+                    if d_mem[j] is not None:
+                        outs.append(h)
+                        cts.append(d_mem[j])
+            torch.autograd.backward([l_chunk] + outs, [torch.ones_like(l_chunk)] + cts)
+        chunk_peak = max(chunk_peak, saved.total)
+        for j, leaf in enumerate(earlier):
+            if leaf.grad is not None:
+                d_mem[j] = leaf.grad if d_mem[j] is None else d_mem[j] + leaf.grad
+        if chunk == 0:
+            d_h0, d_c0 = h_in.grad, c_in.grad
+    d_h0 = _zero_if_none(d_h0, state0[0])
+    if cfg.include_h0_memory and d_mem[0] is not None:
+        d_h0 = d_h0 + d_mem[0]  # h0 read as a memory: its reads' gradient joins dh0
+    return RoutingResult(
+        loss=float(total), grads={k: _zero_if_none(v.grad, v) for k, v in P.items()},
+        d_state0=(d_h0, _zero_if_none(d_c0, state0[1])), final_state=final,
+        peak_cache_bytes=stored + chunk_peak, replayed_chunks=tuple(replayed),
+    )

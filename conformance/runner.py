@@ -1,0 +1,325 @@
+"""Run the conformance checks of one backend on one device, over dtypes, per profile.
+
+Work is split into units: one per (op, dtype) and one per (routing step, dtype). A unit
+draws examples with hypothesis (sizes and seeds; values in float64 from the op's sampler)
+and runs all its checks on each; a check's result keeps its worst comparison over all
+examples and the first failing example. Error inputs run once per unit.
+
+Backend hooks the runner uses when present (all optional):
+
+* ``pin_numerics() -> dict``: make float results reproducible (torch: TF32 and reduced
+  precision reductions off; jax: default matmul precision "highest") and return the
+  settings in force. Called once before running.
+* ``numerics_settings() -> dict``: the settings, recorded when ``pin_numerics`` is absent.
+* ``device_of(array) -> str``: the device of an array (else ``str(array.device)``).
+
+Without the hooks, the runner pins torch and jax itself when the backend's framework is
+already imported, and records what it did.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+
+from memcore.conformance.checks import OP_CHECKS, Outcome, op_errors, op_example
+from memcore.conformance.compare import Comparison, worst
+from memcore.conformance.profiles import load_profile, register_profiles
+from memcore.conformance.routing_checks import ROUTING_CHECKS, routing_errors, routing_example
+from memcore.conformance.strategies import memformer_cases, sab_cases, seeds, sizes
+from memcore.conformance.xfails import XfailList
+from memcore.errors import MemcoreError
+from memcore.ops import OPS, get_op
+
+__all__ = [
+    "EXAMPLES",
+    "CheckResult",
+    "Unit",
+    "check_id",
+    "drive",
+    "pin_numerics",
+    "plan",
+    "resolve_device",
+    "dtype_skip_reason",
+    "run_backend",
+    "run_unit",
+    "unit_results",
+]
+
+# (per-op examples, per-routing-step examples) for each profile.
+EXAMPLES = {"dev": (6, 3), "ci": (15, 6), "nightly": (1000, 100)}
+CHECK_DTYPES = ("float64", "float32", "bfloat16", "float16")
+
+
+@attrs.frozen
+class CheckResult:
+    """One row-cell of the report: a check of one op (or routing step) at one dtype.
+
+    Attributes:
+        id: ``<backend>-<device>-<dtype>-<op>-<check>`` (what xfail patterns match).
+        status: "passed", "failed", "skipped", "xfailed" or "xpassed".
+        reason: why it failed, was skipped or xfailed; a note when it passed.
+        examples: drawn examples it ran on.
+        worst: the worst comparison over all examples (None for checks without values).
+        failed_example: the first failing example, as a reproducible label.
+        seconds: time spent on its unit, shared by the unit's checks.
+    """
+
+    id: str
+    backend: str
+    device: str
+    dtype: str
+    op: str
+    check: str
+    status: str
+    reason: str = ""
+    examples: int = 0
+    worst: Comparison | None = None
+    failed_example: str = ""
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+
+@attrs.frozen
+class Unit:
+    """A (op or routing step, dtype) pair and the checks it produces."""
+
+    kind: str  # "op" or "routing"
+    op: str
+    dtype: str
+    checks: tuple[str, ...]
+
+
+def check_id(backend: str, device: str, dtype: str, op: str, check: str) -> str:
+    """The stable id of one check (see :mod:`memcore.conformance.xfails`)."""
+    return f"{backend}-{device}-{dtype}-{op}-{check}"
+
+
+def resolve_device(backend: Any, device: str | None) -> str:
+    """``device`` checked against ``backend.devices()`` (default: "cpu", else the first).
+
+    Raises:
+        MemcoreError: the device is not available, listing the ones that are.
+    """
+    devices = tuple(backend.devices())
+    if device is None:
+        return "cpu" if "cpu" in devices else devices[0]
+    name = "cuda:0" if device == "cuda" and "cuda:0" in devices else device
+    if name not in devices:
+        raise MemcoreError(
+            f"Device {device!r} is not available for backend {backend.name!r}. Available: {', '.join(devices)}"
+        )
+    return name
+
+
+def plan(ops: Sequence[str] | None, dtypes: Sequence[str], routing: bool) -> list[Unit]:
+    """The units to run, ops first, in registry order."""
+    names = list(OPS) if ops is None else [get_op(o).name for o in ops]
+    units = [Unit("op", o, d, OP_CHECKS) for d in dtypes for o in names]
+    if routing:
+        units += [Unit("routing", step, d, checks) for d in dtypes for step, checks in ROUTING_CHECKS.items()]
+    return units
+
+
+def pin_numerics(backend: Any) -> dict[str, Any]:
+    """Pin the backend's numerics through its hook, or pin torch/jax directly; return what is in force."""
+    if callable(getattr(backend, "pin_numerics", None)):
+        return {"source": "backend.pin_numerics", **dict(backend.pin_numerics() or {})}
+    recorded: dict[str, Any] = {}
+    if callable(getattr(backend, "numerics_settings", None)):
+        recorded = {"source": "backend.numerics_settings", **dict(backend.numerics_settings() or {})}
+    framework = type(backend).__module__.split(".")
+    if "torch" in framework and "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        recorded.update(source="runner (backend has no pin_numerics)", cuda_matmul_allow_tf32=False, cudnn_allow_tf32=False)
+    if "jax" in framework and "jax" in sys.modules:
+        jax = sys.modules["jax"]
+        jax.config.update("jax_default_matmul_precision", "highest")
+        recorded.update(
+            source="runner (backend has no pin_numerics)",
+            jax_default_matmul_precision="highest",
+            jax_enable_x64=bool(jax.config.read("jax_enable_x64")),
+        )
+    return recorded or {"source": "none (no hook, nothing to pin)"}
+
+
+def drive(strategy: st.SearchStrategy, n: int, profile: str, body: Callable[[Any], None]) -> None:
+    """Call ``body`` on ``n`` examples of ``strategy`` drawn under hypothesis profile ``profile``."""
+    # No exception escapes ``body``, so hypothesis neither shrinks nor stores anything:
+    # it is used as the drawing engine, with the profile's seed policy.
+    register_profiles()
+    base = settings.get_profile(profile)
+    run = settings(base, max_examples=n, database=None, phases=(Phase.explicit, Phase.generate))(given(strategy)(body))
+    run()
+
+
+@attrs.define
+class _Acc:
+    ok: bool = True
+    examples: int = 0
+    comps: list[Comparison] = attrs.field(factory=list)
+    message: str = ""
+    failed_example: str = ""
+
+    def add(self, outcome: Outcome, label: str) -> None:
+        self.examples += 1
+        w = worst(outcome.comparisons)
+        if w is not None:
+            self.comps = [worst(self.comps + [w])]  # type: ignore[list-item]
+        if not outcome.ok and self.ok:
+            self.ok, self.message, self.failed_example = False, outcome.message, label
+
+
+def run_unit(backend: Any, unit: Unit, *, device: str, profile: str, examples: int | None = None) -> dict[str, _Acc]:
+    """Run one unit; returns an accumulator per check (internal to the runner and plugin)."""
+    accs = {c: _Acc() for c in unit.checks}
+    n_ops, n_routing = EXAMPLES[profile]
+    if unit.kind == "op":
+        spec = get_op(unit.op)
+
+        def body(drawn: tuple[Any, int]) -> None:
+            z, seed = drawn
+            rng = np.random.default_rng(seed)
+            sample = spec.sample(rng, z, "float64")
+            label = f"{z}, seed={seed}"
+            try:
+                outcomes = op_example(backend, unit.op, unit.dtype, device, sample, rng)
+            except Exception as exc:  # noqa: BLE001 - e.g. conversion failed: every check fails
+                outcomes = {c: Outcome(False, (), f"{type(exc).__name__}: {exc}") for c in unit.checks if c != "errors"}
+            for check, outcome in outcomes.items():
+                accs[check].add(outcome, label)
+
+        drive(st.tuples(sizes(), seeds), examples or n_ops, profile, body)
+        accs["errors"].add(_safe(lambda: op_errors(backend, unit.op, unit.dtype, device)), "fixed sample")
+        return accs
+
+    strategy = memformer_cases() if unit.op == "memformer" else sab_cases()
+
+    def rbody(case: Any) -> None:
+        try:
+            outcomes = routing_example(backend, case, unit.dtype, device)
+        except Exception as exc:  # noqa: BLE001
+            outcomes = {c: Outcome(False, (), f"{type(exc).__name__}: {exc}") for c in unit.checks if c != "errors"}
+        for check, outcome in outcomes.items():
+            accs[check].add(outcome, case.label)
+
+    drive(strategy, examples or n_routing, profile, rbody)
+    case = _fixed_case(unit.op)
+    accs["errors"].add(_safe(lambda: routing_errors(backend, case, unit.dtype, device)), case.label)
+    return accs
+
+
+def _safe(fn: Callable[[], Outcome]) -> Outcome:
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001
+        return Outcome(False, (), f"{type(exc).__name__}: {exc}")
+
+
+def _fixed_case(step: str) -> Any:
+    # A deterministic rollout for the error checks: the first example of a derandomized run.
+    found: list[Any] = []
+
+    def keep(case: Any) -> None:
+        found.append(case)
+
+    drive(memformer_cases() if step == "memformer" else sab_cases(), 1, "ci", keep)
+    return found[0]
+
+
+def _result(backend_name: str, device: str, unit: Unit, check: str, acc: _Acc, seconds: float,
+            xfails: XfailList) -> CheckResult:
+    cid = check_id(backend_name, device, unit.dtype, unit.op, check)
+    status = "passed" if acc.ok else "failed"
+    reason = acc.message
+    entry = xfails.match(cid)
+    if entry is not None:
+        status = "xfailed" if status == "failed" else "xpassed"
+        reason = f"{entry.reason} ({entry.source})" + (f": {acc.message}" if acc.message and status == "xfailed" else "")
+    return CheckResult(
+        cid, backend_name, device, unit.dtype, unit.op, check, status, reason, acc.examples,
+        acc.comps[0] if acc.comps else None, acc.failed_example, seconds,
+    )
+
+
+def unit_results(backend: Any, unit: Unit, *, device: str, profile: str, xfails: XfailList,
+                 examples: int | None = None, skip_reason: str = "") -> list[CheckResult]:
+    """The CheckResults of one unit (skipped with ``skip_reason`` when it is given)."""
+    name = getattr(backend, "name", type(backend).__name__)
+    if skip_reason:
+        return [
+            CheckResult(check_id(name, device, unit.dtype, unit.op, c), name, device, unit.dtype, unit.op, c,
+                        "skipped", skip_reason)
+            for c in unit.checks
+        ]
+    start = time.perf_counter()
+    accs = run_unit(backend, unit, device=device, profile=profile, examples=examples)
+    seconds = time.perf_counter() - start
+    return [_result(name, device, unit, c, accs[c], seconds, xfails) for c in unit.checks]
+
+
+def dtype_skip_reason(backend: Any, device: str, dtype: str) -> str:
+    """Why ``dtype`` cannot run on ``device`` ("" when it can)."""
+    supported = tuple(backend.capabilities(device).dtypes)
+    if dtype in supported:
+        return ""
+    return f"backend {backend.name!r} on {device} does not support {dtype} (capabilities().dtypes = {supported})"
+
+
+def run_backend(
+    backend: Any,
+    *,
+    device: str | None = None,
+    dtypes: Sequence[str] | None = None,
+    profile: str | None = None,
+    ops: Sequence[str] | None = None,
+    routing: bool = True,
+    xfails: XfailList | None = None,
+    examples: int | None = None,
+    progress: Callable[[int, int, Unit], None] | None = None,
+) -> list[CheckResult]:
+    """Run every unit of the plan on ``backend``; never raises for a failing check.
+
+    Args:
+        backend: the backend instance.
+        device: a device of ``backend.devices()`` (default cpu).
+        dtypes: dtypes to check (default: the supported ones among float64, float32).
+        profile: dev, ci or nightly (default ``$MEMCORE_HYPOTHESIS_PROFILE`` or dev).
+        ops: op names (default all); routing: include the routing steps.
+        xfails: expected failures; examples: override the profile's example count.
+        progress: ``progress(done, total, unit)`` called before each unit.
+
+    Raises:
+        MemcoreError: unknown device, dtype, op or profile.
+    """
+    device = resolve_device(backend, device)
+    profile = load_profile(profile)
+    if dtypes is None:
+        supported = tuple(backend.capabilities(device).dtypes)
+        dtypes = [d for d in ("float64", "float32") if d in supported]
+    for d in dtypes:
+        if d not in CHECK_DTYPES:
+            raise MemcoreError(f"`dtype` must be one of {', '.join(CHECK_DTYPES)}. Received: dtype={d!r}")
+    xfails = xfails or XfailList()
+    units = plan(ops, dtypes, routing)
+    results: list[CheckResult] = []
+    for i, unit in enumerate(units):
+        if progress is not None:
+            progress(i, len(units), unit)
+        results += unit_results(backend, unit, device=device, profile=profile, xfails=xfails,
+                                examples=examples, skip_reason=dtype_skip_reason(backend, device, unit.dtype))
+    if progress is not None and units:
+        progress(len(units), len(units), units[-1])
+    return results
