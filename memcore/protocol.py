@@ -61,6 +61,21 @@ class Backend(Protocol):
         self, op: str, inputs: Sequence[Any], attributes: Mapping[str, Any], cotangent: Any
     ) -> tuple[Any, tuple[Any, ...]]: ...
 
+    # Routing drivers (docs/semantics.md, "Routing (time)"); all return RoutingResult.
+    def bptt(self, step: str, params: Mapping[str, Any], xs: Any, state0: Any, targets: Any, *,
+             config: Any, loss: Any = ..., resets: Any = None, token_mask: Any = None,
+             truncate_every: int | None = None) -> Any: ...
+
+    def mrbp(self, params: Mapping[str, Any], xs: Any, M0: Any, targets: Any, *, config: Any,
+             loss: Any = ..., resets: Any = None, token_mask: Any = None,
+             truncate_every: int | None = None) -> Any: ...
+
+    def sab_bptt(self, params: Mapping[str, Any], xs: Any, state0: Any, targets: Any, *,
+                 config: Any, loss: Any = ...) -> Any: ...
+
+    def sab_sparse_replay(self, params: Mapping[str, Any], xs: Any, state0: Any, targets: Any, *,
+                          config: Any, loss: Any = ...) -> Any: ...
+
 
 class BackendBase:
     """Shared machinery: validated dispatch to ``_forward``/``_vjp`` and op shortcuts.

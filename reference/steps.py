@@ -84,7 +84,13 @@ class MemformerCache(NamedTuple):
 
 
 def memformer_forward(
-    params: Mapping[str, Any], x_t: Any, state: Any, *, config: MemoryConfig, reset: Any = None, token_mask: Any = None
+    params: Mapping[str, Any],
+    x_t: Any,
+    state: Any,
+    *,
+    config: MemoryConfig,
+    reset: Any = None,
+    token_mask: Any = None,
 ) -> tuple[Any, Any, MemformerCache]:
     """One Memformer memory step.
 
@@ -109,13 +115,22 @@ def memformer_forward(
     )
     h = x_t + r
     new_memory, write = memory_write_forward(
-        memory, h, p["write_wq"], p["write_wk"], p["write_wv"], p["v_bias"],
-        num_heads=config.heads, tau=config.tau, token_mask=token_mask,
+        memory,
+        h,
+        p["write_wq"],
+        p["write_wk"],
+        p["write_wv"],
+        p["v_bias"],
+        num_heads=config.heads,
+        tau=config.tau,
+        token_mask=token_mask,
     )
     return new_memory, h, MemformerCache(p, reset_cache, read, write)
 
 
-def memformer_backward(cache: MemformerCache, d_state: Any, d_y: Any) -> tuple[dict[str, Any], Any, Any]:
+def memformer_backward(
+    cache: MemformerCache, d_state: Any, d_y: Any
+) -> tuple[dict[str, Any], Any, Any]:
     """Gradients of one Memformer step from (dM_{t+1}, dy_t).
 
     dh = dy + (memory_write's dx), dx = dh + (memory_read's dx), dM = (write's dmemory) +
@@ -132,7 +147,9 @@ def memformer_backward(cache: MemformerCache, d_state: Any, d_y: Any) -> tuple[d
     if d_state is None:
         d_mem = None
         dh = d_y
-        dwq, dwk, dwv, dvb = (xp.zeros_like(p[n]) for n in ("write_wq", "write_wk", "write_wv", "v_bias"))
+        dwq, dwk, dwv, dvb = (
+            xp.zeros_like(p[n]) for n in ("write_wq", "write_wk", "write_wv", "v_bias")
+        )
     else:
         d_mem, dh_write, dwq, dwk, dwv, dvb = memory_write_backward(cache.write, d_state)
         dh = d_y + dh_write
@@ -203,9 +220,15 @@ def sab_forward(
     h, c, memories = state
     (h_hat, c_new), lstm = lstm_cell_forward(x_t, h, c, p["lstm_w"], p["lstm_b"])
     (s, _), retrieve = sparse_retrieve_forward(
-        h_hat, stack_memories(memories, h_hat), p["w1"], p["w2"], p["w3"],
-        k_top=config.k_top, eps=config.eps,
-        threshold_grad=config.threshold_grad, block_score_grad=config.block_score_grad,
+        h_hat,
+        stack_memories(memories, h_hat),
+        p["w1"],
+        p["w2"],
+        p["w3"],
+        k_top=config.k_top,
+        eps=config.eps,
+        threshold_grad=config.threshold_grad,
+        block_score_grad=config.block_score_grad,
     )
     xp = array_namespace(h_hat)
     h_new = h_hat + s

@@ -28,7 +28,9 @@ RTOL = 1e-10
 
 def _rel(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.max(np.abs(a - b), initial=0.0) / max(float(np.max(np.abs(b), initial=0.0)), 1e-300))
+    return float(
+        np.max(np.abs(a - b), initial=0.0) / max(float(np.max(np.abs(b), initial=0.0)), 1e-300)
+    )
 
 
 def _assert_same(got: RoutingResult, want: RoutingResult, what: str) -> None:
@@ -52,11 +54,17 @@ def memformer_samples(draw, *, max_steps: int = 12) -> RoutingSample:
     H, dh = draw(st.integers(1, 2), label="H"), draw(st.integers(1, 2), label="dh")
     return memformer_sample(
         np.random.default_rng(draw(seeds, label="seed")),
-        T=draw(st.integers(1, max_steps), label="T"), B=draw(st.integers(1, 2), label="B"),
-        L=draw(st.integers(1, 3), label="L"), K=draw(st.integers(1, 3), label="K"), D=H * dh, H=H,
+        T=draw(st.integers(1, max_steps), label="T"),
+        B=draw(st.integers(1, 2), label="B"),
+        L=draw(st.integers(1, 3), label="L"),
+        K=draw(st.integers(1, 3), label="K"),
+        D=H * dh,
+        H=H,
         tau=draw(st.sampled_from([0.25, 0.5, 1.0]), label="tau"),
-        kind=draw(st.sampled_from(["mse", "xent"]), label="kind"), C=draw(st.integers(1, 3), label="C"),
-        resets=draw(st.booleans(), label="resets"), token_mask=draw(st.booleans(), label="token_mask"),
+        kind=draw(st.sampled_from(["mse", "xent"]), label="kind"),
+        C=draw(st.integers(1, 3), label="C"),
+        resets=draw(st.booleans(), label="resets"),
+        token_mask=draw(st.booleans(), label="token_mask"),
         zero_weight_prob=draw(st.sampled_from([0.0, 0.3]), label="zero_weight_prob"),
     )
 
@@ -76,7 +84,9 @@ def test_mrbp_truncate_every_equals_bptt_truncate_every(s, k):
 def _rollout(s: RoutingSample, lo: int, hi: int, m0) -> RoutingSample:
     weights = None if s.loss.weights is None else s.loss.weights[lo:hi]
     extra = {k: None if v is None else v[lo:hi] for k, v in s.extra.items()}
-    return RoutingSample(s.params, s.xs[lo:hi], m0, s.targets[lo:hi], s.config, Loss(s.loss.kind, weights), extra)
+    return RoutingSample(
+        s.params, s.xs[lo:hi], m0, s.targets[lo:hi], s.config, Loss(s.loss.kind, weights), extra
+    )
 
 
 def _sum(results: list[RoutingResult]) -> dict:
@@ -136,7 +146,9 @@ def _independent_loss(s: RoutingSample, params: dict, m0: np.ndarray) -> float:
             total += w * np.mean((y - target) ** 2)
         else:
             logits = y @ params[HEAD_PARAM]
-            logz = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
+            logz = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(
+                -1
+            )
             total += w * np.mean(logz - np.take_along_axis(logits, target[..., None], -1)[..., 0])
     return total
 
@@ -150,12 +162,22 @@ def test_bptt_matches_finite_differences(s, seed):
         return np.array(_independent_loss(s, dict(zip(names, arrays[:-1])), arrays[-1]))
 
     def vjp(arrays, vs):
-        r = routing.bptt("memformer", dict(zip(names, arrays[:-1])), s.xs, arrays[-1], s.targets,
-                         config=s.config, loss=s.loss, **s.extra)
+        r = routing.bptt(
+            "memformer",
+            dict(zip(names, arrays[:-1])),
+            s.xs,
+            arrays[-1],
+            s.targets,
+            config=s.config,
+            loss=s.loss,
+            **s.extra,
+        )
         assert abs(r.loss - float(f(arrays))) <= 1e-12 * max(1.0, abs(r.loss))
         return [r.grads[n] * vs[0] for n in names] + [r.d_state0 * vs[0]]
 
-    result = dot_product_test(f, vjp, [s.params[n] for n in names] + [s.state0], np.random.default_rng(seed))
+    result = dot_product_test(
+        f, vjp, [s.params[n] for n in names] + [s.state0], np.random.default_rng(seed)
+    )
     assert result.ok(), result
 
 
@@ -164,10 +186,14 @@ def test_mrbp_skips_the_write_vjp_where_no_memory_gradient_arrives(monkeypatch, 
     """The last step (and the step before each truncation cut) runs no memory_write backward."""
     calls = []
     real = steps_module.memory_write_backward
-    monkeypatch.setattr(steps_module, "memory_write_backward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(
+        steps_module, "memory_write_backward", lambda *a: calls.append(1) or real(*a)
+    )
     steps = 7
     s = memformer_sample(np.random.default_rng(0), T=steps)
-    routing.mrbp(s.params, s.xs, s.state0, s.targets, config=s.config, loss=s.loss, truncate_every=k)
+    routing.mrbp(
+        s.params, s.xs, s.state0, s.targets, config=s.config, loss=s.loss, truncate_every=k
+    )
     cuts = 0 if k is None else len([t for t in range(1, steps) if t % k == 0])
     assert len(calls) == steps - 1 - cuts
 
@@ -192,31 +218,92 @@ def test_numpy_backend_serves_the_reference_drivers():
     backend = NumpyBackend()
     kw = {"config": s.config, "loss": s.loss, **s.extra}
     _assert_same(backend.mrbp(s.params, s.xs, s.state0, s.targets, **kw), _call("mrbp", s), "mrbp")
-    _assert_same(backend.bptt("memformer", s.params, s.xs, s.state0, s.targets, **kw), _call("bptt", s), "bptt")
+    _assert_same(
+        backend.bptt("memformer", s.params, s.xs, s.state0, s.targets, **kw),
+        _call("bptt", s),
+        "bptt",
+    )
 
 
 def _bad_cases():
-    s = memformer_sample(np.random.default_rng(3), T=3, B=2, L=2, K=3, D=4, H=2, resets=True, token_mask=True)
+    s = memformer_sample(
+        np.random.default_rng(3), T=3, B=2, L=2, K=3, D=4, H=2, resets=True, token_mask=True
+    )
     x = memformer_sample(np.random.default_rng(3), T=3, B=2, L=2, K=3, D=4, H=2, kind="xent", C=3)
     no_head = {k: v for k, v in x.params.items() if k != HEAD_PARAM}
     return [
-        ("targets T", s, {"targets": s.targets[:2]}, r"`targets` must have shape \(T, B, L, D\) = \(3, 2, 2, 4\)"),
+        (
+            "targets T",
+            s,
+            {"targets": s.targets[:2]},
+            r"`targets` must have shape \(T, B, L, D\) = \(3, 2, 2, 4\)",
+        ),
         ("xs T = 0", s, {"xs": s.xs[:0], "targets": s.targets[:0]}, r"`xs` must have T >= 1"),
-        ("state0 shape", s, {"state0": s.state0[:, :2]}, r"`state0` must have shape \(B, K, D\) = \(2, 3, 4\)"),
+        (
+            "state0 shape",
+            s,
+            {"state0": s.state0[:, :2]},
+            r"`state0` must have shape \(B, K, D\) = \(2, 3, 4\)",
+        ),
         ("resets T", s, {"resets": s.extra["resets"][:2]}, r"`resets` must have shape \(T, B\)"),
-        ("token_mask dtype", s, {"token_mask": s.extra["token_mask"].astype(float)}, r"`token_mask` must have dtype bool"),
-        ("weights length", s, {"loss": Loss("mse", (1.0, 2.0))}, r"`loss.weights` must have one weight per step"),
-        ("truncate_every 0", s, {"truncate_every": 0}, r"`truncate_every` must be None or an integer >= 1"),
+        (
+            "token_mask dtype",
+            s,
+            {"token_mask": s.extra["token_mask"].astype(float)},
+            r"`token_mask` must have dtype bool",
+        ),
+        (
+            "weights length",
+            s,
+            {"loss": Loss("mse", (1.0, 2.0))},
+            r"`loss.weights` must have one weight per step",
+        ),
+        (
+            "truncate_every 0",
+            s,
+            {"truncate_every": 0},
+            r"`truncate_every` must be None or an integer >= 1",
+        ),
+        (
+            "no tokens",
+            s,
+            {"xs": s.xs[:, :, :0], "targets": s.targets[:, :, :0]},
+            r"`xs` must have B >= 1, L >= 1",
+        ),
         ("xs width", s, {"xs": s.xs[..., :3]}, r"`xs` must have shape \(T, B, L, D\)"),
         ("config type", s, {"config": "memformer"}, r"`config` must be a memcore.MemoryConfig"),
         ("xs NaN", s, {"xs": np.where(s.xs > 0.5, np.nan, s.xs)}, r"`xs` must be finite"),
-        ("param dtype", s, {"params": {**s.params, "read_wq": s.params["read_wq"].astype(np.float32)}},
-         r"`params\['read_wq'\]` must have the float dtype of `xs` \(float64\)"),
+        (
+            "param dtype",
+            s,
+            {"params": {**s.params, "read_wq": s.params["read_wq"].astype(np.float32)}},
+            r"`params\['read_wq'\]` must have the float dtype of `xs` \(float64\)",
+        ),
         ("missing head", x, {"params": no_head}, r"`params` must contain .*head_w"),
-        ("head for mse", s, {"params": {**s.params, HEAD_PARAM: x.params[HEAD_PARAM]}}, r"head_w is used by loss kind 'xent' only"),
-        ("class id range", x, {"targets": x.targets + 3}, r"`targets` must hold class ids in \[0, C\) = \[0, 3\)"),
-        ("float class ids", x, {"targets": x.targets.astype(float)}, r"`targets` must hold integer class ids"),
-        ("config mismatch", s, {"config": MemoryConfig(slots=4, dim=4, heads=2)}, r"`state0` must have shape"),
+        (
+            "head for mse",
+            s,
+            {"params": {**s.params, HEAD_PARAM: x.params[HEAD_PARAM]}},
+            r"head_w is used by loss kind 'xent' only",
+        ),
+        (
+            "class id range",
+            x,
+            {"targets": x.targets + 3},
+            r"`targets` must hold class ids in \[0, C\) = \[0, 3\)",
+        ),
+        (
+            "float class ids",
+            x,
+            {"targets": x.targets.astype(float)},
+            r"`targets` must hold integer class ids",
+        ),
+        (
+            "config mismatch",
+            s,
+            {"config": MemoryConfig(slots=4, dim=4, heads=2)},
+            r"`state0` must have shape",
+        ),
     ]
 
 
@@ -225,13 +312,30 @@ def _bad_cases():
 def test_bad_input_raises_memcore_error(driver, case):
     """Every malformed call raises MemcoreError naming the argument and what it must be."""
     _, s, over, pattern = case
-    call = {"params": s.params, "xs": s.xs, "state0": s.state0, "targets": s.targets, "config": s.config,
-            "loss": s.loss, **s.extra, **over}
+    call = {
+        "params": s.params,
+        "xs": s.xs,
+        "state0": s.state0,
+        "targets": s.targets,
+        "config": s.config,
+        "loss": s.loss,
+        **s.extra,
+        **over,
+    }
     with pytest.raises(MemcoreError, match=pattern):
         if driver == "bptt":
-            routing.bptt("memformer", call.pop("params"), call.pop("xs"), call.pop("state0"), call.pop("targets"), **call)
+            routing.bptt(
+                "memformer",
+                call.pop("params"),
+                call.pop("xs"),
+                call.pop("state0"),
+                call.pop("targets"),
+                **call,
+            )
         else:
-            routing.mrbp(call.pop("params"), call.pop("xs"), call.pop("state0"), call.pop("targets"), **call)
+            routing.mrbp(
+                call.pop("params"), call.pop("xs"), call.pop("state0"), call.pop("targets"), **call
+            )
 
 
 def test_bptt_rejects_unknown_step():

@@ -17,8 +17,8 @@ from memcore.conformance.strategies import seeds
 from memcore.errors import MemcoreError
 from memcore.gradcheck import dot_product_test
 from memcore.reference import routing
-from memcore.reference.routing.samples import RoutingSample, sab_sample
 from memcore.reference.routing.sab import chunk_bounds, initial_state
+from memcore.reference.routing.samples import RoutingSample, sab_sample
 from memcore.reference.steps import sab_step
 from memcore.routing_types import HEAD_PARAM, Loss, RoutingResult
 
@@ -27,7 +27,9 @@ RTOL = 1e-10
 
 def _rel(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.max(np.abs(a - b), initial=0.0) / max(float(np.max(np.abs(b), initial=0.0)), 1e-300))
+    return float(
+        np.max(np.abs(a - b), initial=0.0) / max(float(np.max(np.abs(b), initial=0.0)), 1e-300)
+    )
 
 
 def _assert_same(got: RoutingResult, want: RoutingResult, what: str, final: bool = True) -> None:
@@ -49,18 +51,30 @@ def _run(driver, s: RoutingSample, **over) -> RoutingResult:
 
 
 @st.composite
-def sab_samples(draw, *, min_steps: int = 1, max_steps: int = 12, zero_weight_probs=(0.0, 0.5), **fixed) -> RoutingSample:
-    flags = {n: draw(st.booleans(), label=n) for n in ("threshold_grad", "block_score_grad", "include_h0_memory")}
+def sab_samples(
+    draw, *, min_steps: int = 1, max_steps: int = 12, zero_weight_probs=(0.0, 0.5), **fixed
+) -> RoutingSample:
+    flags = {
+        n: draw(st.booleans(), label=n)
+        for n in ("threshold_grad", "block_score_grad", "include_h0_memory")
+    }
     config = SABConfig(
-        k_top=draw(st.integers(1, 4), label="k_top"), k_att=draw(st.integers(1, 4), label="k_att"),
-        k_trunc=draw(st.integers(1, 5), label="k_trunc"), **{**flags, **fixed},
+        k_top=draw(st.integers(1, 4), label="k_top"),
+        k_att=draw(st.integers(1, 4), label="k_att"),
+        k_trunc=draw(st.integers(1, 5), label="k_trunc"),
+        **{**flags, **fixed},
     )
     return sab_sample(
         np.random.default_rng(draw(seeds, label="seed")),
-        T=draw(st.integers(min_steps, max_steps), label="T"), B=draw(st.integers(1, 2), label="B"),
-        I=draw(st.integers(1, 2), label="I"), Hd=draw(st.integers(1, 3), label="Hd"),
-        A=draw(st.integers(1, 3), label="A"), O=draw(st.integers(1, 2), label="O"), config=config,
-        kind=draw(st.sampled_from(["mse", "xent"]), label="kind"), C=draw(st.integers(1, 3), label="C"),
+        T=draw(st.integers(min_steps, max_steps), label="T"),
+        B=draw(st.integers(1, 2), label="B"),
+        I=draw(st.integers(1, 2), label="I"),
+        Hd=draw(st.integers(1, 3), label="Hd"),
+        A=draw(st.integers(1, 3), label="A"),
+        O=draw(st.integers(1, 2), label="O"),
+        config=config,
+        kind=draw(st.sampled_from(["mse", "xent"]), label="kind"),
+        C=draw(st.integers(1, 3), label="C"),
         zero_weight_prob=draw(st.sampled_from(zero_weight_probs), label="zero_weight_prob"),
     )
 
@@ -118,7 +132,14 @@ def _fd_check(s: RoutingSample, driver, loss_fn, seed: int) -> None:
         return np.array(loss_fn(dict(zip(names, arrays[:-2])), (arrays[-2], arrays[-1])))
 
     def vjp(arrays, vs):
-        r = driver(dict(zip(names, arrays[:-2])), s.xs, (arrays[-2], arrays[-1]), s.targets, config=s.config, loss=s.loss)
+        r = driver(
+            dict(zip(names, arrays[:-2])),
+            s.xs,
+            (arrays[-2], arrays[-1]),
+            s.targets,
+            config=s.config,
+            loss=s.loss,
+        )
         assert abs(r.loss - float(f(arrays))) <= 1e-12 * max(1.0, abs(r.loss))
         return [r.grads[n] * vs[0] for n in names] + [r.d_state0[0] * vs[0], r.d_state0[1] * vs[0]]
 
@@ -134,7 +155,9 @@ def test_sab_bptt_without_truncation_matches_finite_differences(s, seed):
     s = attrs.evolve(s, config=attrs.evolve(s.config, k_trunc=s.xs.shape[0]))
     # The threshold is an order statistic: a near-tie within the FD step would switch entries.
     assume(_min_score_gap(s) > 1e-2)
-    _fd_check(s, routing.sab_bptt, lambda params, state0: _independent_loss(s, params, state0), seed)
+    _fd_check(
+        s, routing.sab_bptt, lambda params, state0: _independent_loss(s, params, state0), seed
+    )
 
 
 @given(s=sab_samples(max_steps=8, threshold_grad=True, block_score_grad=False), seed=seeds)
@@ -168,17 +191,24 @@ def _never_weighted(s: RoutingSample) -> list[np.ndarray]:
     flags = []
     for j in range(unroll.memories.shape[1]):
         reads = [w[:, j] for w in unroll.weights if w.shape[1] > j]
-        flags.append(np.all(np.stack(reads) == 0, axis=0) if reads else np.ones(s.xs.shape[1], bool))
+        flags.append(
+            np.all(np.stack(reads) == 0, axis=0) if reads else np.ones(s.xs.shape[1], bool)
+        )
     return flags
 
 
-@pytest.mark.parametrize("flags", [{"threshold_grad": False}, {"threshold_grad": True, "block_score_grad": True}],
-                         ids=["threshold-stopped", "scorer-blocked"])
+@pytest.mark.parametrize(
+    "flags",
+    [{"threshold_grad": False}, {"threshold_grad": True, "block_score_grad": True}],
+    ids=["threshold-stopped", "scorer-blocked"],
+)
 @given(data=st.data())
 def test_never_weighted_memories_get_exactly_zero_gradient(flags, data):
     """A memory whose weight is 0 in every read gets exactly zero gradient (per batch row)."""
     s = data.draw(sab_samples(**flags), label="sample")
-    grads = routing.sab_memory_grads(s.params, s.xs, s.state0, s.targets, config=s.config, loss=s.loss)
+    grads = routing.sab_memory_grads(
+        s.params, s.xs, s.state0, s.targets, config=s.config, loss=s.loss
+    )
     for j, rows in enumerate(_never_weighted(s)):
         assert np.all(grads[j][rows] == 0.0), f"memory {j} rows {rows}: {grads[j][rows]}"
 
@@ -186,8 +216,12 @@ def test_never_weighted_memories_get_exactly_zero_gradient(flags, data):
 def test_never_weighted_memories_exist_and_get_zero_gradient():
     """With k_top = 1 most memories are never weighted; each of them gets exactly zero gradient
     while the weighted ones do get gradient."""
-    s = sab_sample(np.random.default_rng(7), T=12, B=2, config=SABConfig(k_top=1, k_att=1, k_trunc=4))
-    grads = routing.sab_memory_grads(s.params, s.xs, s.state0, s.targets, config=s.config, loss=s.loss)
+    s = sab_sample(
+        np.random.default_rng(7), T=12, B=2, config=SABConfig(k_top=1, k_att=1, k_trunc=4)
+    )
+    grads = routing.sab_memory_grads(
+        s.params, s.xs, s.state0, s.targets, config=s.config, loss=s.loss
+    )
     flags = _never_weighted(s)
     assert sum(int(f.sum()) for f in flags) >= 4
     assert any(np.any(g[~f] != 0) for g, f in zip(grads, flags))
@@ -198,13 +232,21 @@ def test_never_weighted_memories_exist_and_get_zero_gradient():
 def _expected_replayed(s: RoutingSample) -> set[int]:
     """Chunks that receive gradient under sab_bptt: a non-zero loss weight, or a memory with
     non-zero gradient written in the chunk."""
-    grads = routing.sab_memory_grads(s.params, s.xs, s.state0, s.targets, config=s.config, loss=s.loss)
+    grads = routing.sab_memory_grads(
+        s.params, s.xs, s.state0, s.targets, config=s.config, loss=s.loss
+    )
     weights = s.loss.weights or (1.0,) * s.xs.shape[0]
-    first = int(s.config.include_h0_memory)  # memory j >= first is written at step (j - first + 1) k_att
+    first = int(
+        s.config.include_h0_memory
+    )  # memory j >= first is written at step (j - first + 1) k_att
     live = set()
     for m, (start, stop) in enumerate(chunk_bounds(s.xs.shape[0], s.config.k_trunc)):
-        written = [j for j in range(first, len(grads)) if start <= (j - first + 1) * s.config.k_att < stop]
-        if any(weights[t - 1] != 0 for t in range(start, stop)) or any(np.any(grads[j] != 0) for j in written):
+        written = [
+            j for j in range(first, len(grads)) if start <= (j - first + 1) * s.config.k_att < stop
+        ]
+        if any(weights[t - 1] != 0 for t in range(start, stop)) or any(
+            np.any(grads[j] != 0) for j in written
+        ):
             live.add(m)
     return live
 
@@ -224,10 +266,14 @@ def test_chunks_after_the_last_loss_term_are_skipped(s, draw_last):
     sab_bptt of the prefix xs[:last]: those chunks really received no gradient."""
     steps = s.xs.shape[0]
     last = 1 + draw_last % (steps - 1)  # 1 <= last < T
-    s = attrs.evolve(s, loss=Loss(s.loss.kind, tuple(1.0 if t < last else 0.0 for t in range(steps))))
+    s = attrs.evolve(
+        s, loss=Loss(s.loss.kind, tuple(1.0 if t < last else 0.0 for t in range(steps)))
+    )
     got = _run("sab_sparse_replay", s)
     assert max(got.replayed_chunks) == (last - 1) // s.config.k_trunc
-    prefix = RoutingSample(s.params, s.xs[:last], s.state0, s.targets[:last], s.config, Loss(s.loss.kind))
+    prefix = RoutingSample(
+        s.params, s.xs[:last], s.state0, s.targets[:last], s.config, Loss(s.loss.kind)
+    )
     _assert_same(got, _run("sab_bptt", prefix), f"last={last}", final=False)
 
 
@@ -243,18 +289,32 @@ def test_zero_weight_chunk_is_replayed_when_its_memory_gets_gradient():
 
 def test_drivers_do_not_mutate_inputs_and_backend_delegates():
     """The SAB drivers leave their inputs unchanged; NumpyBackend returns the reference's results."""
-    s = sab_sample(np.random.default_rng(2), T=7, kind="xent",
-                   config=SABConfig(k_top=2, k_att=2, k_trunc=3, include_h0_memory=True))
+    s = sab_sample(
+        np.random.default_rng(2),
+        T=7,
+        kind="xent",
+        config=SABConfig(k_top=2, k_att=2, k_trunc=3, include_h0_memory=True),
+    )
     before = copy.deepcopy(s)
     backend = NumpyBackend()
     for driver in ("sab_bptt", "sab_sparse_replay"):
-        mine = getattr(backend, driver)(s.params, s.xs, s.state0, s.targets, config=s.config, loss=s.loss)
+        mine = getattr(backend, driver)(
+            s.params, s.xs, s.state0, s.targets, config=s.config, loss=s.loss
+        )
         _assert_same(mine, _run(driver, s), driver)
-    _assert_same(backend.bptt("sab", s.params, s.xs, s.state0, s.targets, config=s.config, loss=s.loss),
-                 _run("bptt", s), "bptt")
+    _assert_same(
+        backend.bptt("sab", s.params, s.xs, s.state0, s.targets, config=s.config, loss=s.loss),
+        _run("bptt", s),
+        "bptt",
+    )
     for name in s.params:
         np.testing.assert_array_equal(s.params[name], before.params[name])
-    for a, b in [(s.xs, before.xs), (s.targets, before.targets), (s.state0[0], before.state0[0]), (s.state0[1], before.state0[1])]:
+    for a, b in [
+        (s.xs, before.xs),
+        (s.targets, before.targets),
+        (s.state0[0], before.state0[0]),
+        (s.state0[1], before.state0[1]),
+    ]:
         np.testing.assert_array_equal(a, b)
 
 
@@ -270,22 +330,26 @@ def _bad_cases():
     s = sab_sample(np.random.default_rng(3), T=4, B=2, I=2, Hd=3, A=2, O=2)
     x = sab_sample(np.random.default_rng(3), T=4, B=2, I=2, Hd=3, A=2, O=2, kind="xent", C=3)
     h0, c0 = s.state0
+    w2 = {**s.params, "w2": s.params["w2"][:, :1]}
+    # fmt: off
     return [
         ("targets T", s, {"targets": s.targets[:3]}, r"`targets` must have shape \(T, B, O\) = \(4, 2, 2\)"),
         ("xent targets T", x, {"targets": x.targets[:3]}, r"`targets` must have shape \(T, B\) = \(4, 2\)"),
         ("T = 0", s, {"xs": s.xs[:0], "targets": s.targets[:0]}, r"`xs` must have T >= 1"),
         ("h0 shape", s, {"state0": (h0[:, :2], c0)}, r"`state0\[0\]` must have shape \(B, Hd\) = \(2, 3\)"),
         ("c0 shape", s, {"state0": (h0, c0[:, :2])}, r"`state0\[1\]` must have shape \(B, Hd\) = \(2, 3\)"),
-        ("h0 batch", s, {"state0": (h0[:1], c0)}, r"`state0\[0\]` must have shape \(B, Hd\) = \(2, 3\). Received: state0\[0\].shape=\(1, 3\)"),
+        ("h0 batch", s, {"state0": (h0[:1], c0)}, r"Received: state0\[0\].shape=\(1, 3\)"),
         ("state0 not a pair", s, {"state0": h0}, r"`state0` must be a pair \(h0, c0\)"),
+        ("empty batch", s, {"xs": s.xs[:, :0], "targets": s.targets[:, :0]}, r"`xs` must have B >= 1"),
         ("xs rank", s, {"xs": s.xs[0]}, r"`xs` must have shape \(T, B, I\)"),
         ("k_att 0", s, {"config": _unchecked(s.config, k_att=0)}, r"`config.k_att` must be an integer >= 1"),
         ("k_trunc 0", s, {"config": _unchecked(s.config, k_trunc=0)}, r"`config.k_trunc` must be an integer >= 1"),
         ("config type", s, {"config": "sab"}, r"`config` must be a memcore.SABConfig"),
-        ("w2 width", s, {"params": {**s.params, "w2": s.params["w2"][:, :1]}}, r"`params\['w2'\]` must have shape \(Hd, A\) = \(3, 2\)"),
+        ("w2 width", s, {"params": w2}, r"`params\['w2'\]` must have shape \(Hd, A\) = \(3, 2\)"),
         ("weights length", s, {"loss": Loss("mse", (1.0,))}, r"`loss.weights` must have one weight per step \(T = 4\)"),
         ("class id range", x, {"targets": x.targets - 1}, r"`targets` must hold class ids in \[0, C\)"),
     ]
+    # fmt: on
 
 
 @pytest.mark.parametrize("driver", ["bptt", "sab_bptt", "sab_sparse_replay"])
@@ -293,9 +357,9 @@ def _bad_cases():
 def test_bad_input_raises_memcore_error(driver, case):
     """Every malformed SAB call raises MemcoreError naming the argument and what it must be."""
     _, s, over, pattern = case
-    call = {"params": s.params, "xs": s.xs, "state0": s.state0, "targets": s.targets, "config": s.config,
-            "loss": s.loss, **over}
-    args = [call.pop(k) for k in ("params", "xs", "state0", "targets")]
+    call = {"config": s.config, "loss": s.loss, **over}
+    args = [over.get(k, getattr(s, k)) for k in ("params", "xs", "state0", "targets")]
+    call = {k: v for k, v in call.items() if k in ("config", "loss")}
     with pytest.raises(MemcoreError, match=pattern):
         if driver == "bptt":
             routing.bptt("sab", *args, **call)
@@ -306,7 +370,9 @@ def test_bad_input_raises_memcore_error(driver, case):
 @pytest.mark.parametrize("field", ["k_att", "k_trunc", "k_top"])
 def test_sab_config_rejects_k_below_one(field):
     """SABConfig itself refuses k_att, k_trunc or k_top < 1 with a MemcoreError."""
-    with pytest.raises(MemcoreError, match=rf"`{field}` must be an integer >= 1. Received: {field}=0"):
+    with pytest.raises(
+        MemcoreError, match=rf"`{field}` must be an integer >= 1. Received: {field}=0"
+    ):
         SABConfig(**{field: 0})
 
 

@@ -21,7 +21,14 @@ from memcore.conformance.strategies import seeds
 from memcore.gradcheck import _masked_forward, dot_product_test
 from memcore.opspec import Sample
 from memcore.reference import lstm, sab
-from memcore.reference.steps import STEPS, SabState, get_step, memformer_step, sab_step, stack_memories
+from memcore.reference.steps import (
+    STEPS,
+    SabState,
+    get_step,
+    memformer_step,
+    sab_step,
+    stack_memories,
+)
 from memcore.routing_types import MEMFORMER_PARAMS, SAB_PARAMS
 
 
@@ -37,22 +44,37 @@ def _min_gap(scores: np.ndarray) -> float:
 
 # ------------------------------------------------------------------ memformer_step
 @given(
-    B=st.integers(1, 2), L=st.integers(1, 3), K=st.integers(1, 3), H=st.integers(1, 2), dh=st.integers(1, 2),
-    tau=st.sampled_from([0.25, 0.5, 1.0]), use_reset=st.booleans(), use_mask=st.booleans(), seed=seeds,
+    B=st.integers(1, 2),
+    L=st.integers(1, 3),
+    K=st.integers(1, 3),
+    H=st.integers(1, 2),
+    dh=st.integers(1, 2),
+    tau=st.sampled_from([0.25, 0.5, 1.0]),
+    use_reset=st.booleans(),
+    use_mask=st.booleans(),
+    seed=seeds,
 )
-def test_memformer_step_backward_matches_finite_differences(B, L, K, H, dh, tau, use_reset, use_mask, seed):
+def test_memformer_step_backward_matches_finite_differences(
+    B, L, K, H, dh, tau, use_reset, use_mask, seed
+):
     """memformer_step's backward gives <u, J^T v> equal to the central difference for every input."""
     rng = np.random.default_rng(seed)
     D = H * dh
     config = MemoryConfig(slots=K, dim=D, heads=H, tau=tau)
     names = MEMFORMER_PARAMS
-    xs = [_u(rng, D, D, scale=np.sqrt(3.0 / D)) for _ in names[:-1]] + [_u(rng, K, D), _u(rng, B, L, D), _u(rng, B, K, D)]
+    xs = [_u(rng, D, D, scale=np.sqrt(3.0 / D)) for _ in names[:-1]] + [
+        _u(rng, K, D),
+        _u(rng, B, L, D),
+        _u(rng, B, K, D),
+    ]
     reset = rng.random(B) < 0.5 if use_reset else None
     mask = rng.random((B, L)) < 0.7 if use_mask else None
 
     def run(arrays: Sequence[np.ndarray]):
         params = dict(zip(names, arrays[:8]))
-        return memformer_step.forward(params, arrays[8], arrays[9], config=config, reset=reset, token_mask=mask)
+        return memformer_step.forward(
+            params, arrays[8], arrays[9], config=config, reset=reset, token_mask=mask
+        )
 
     def f(arrays):
         m, y, _ = run(arrays)
@@ -64,7 +86,9 @@ def test_memformer_step_backward_matches_finite_differences(B, L, K, H, dh, tau,
         return [grads[n] for n in names] + [dx, dm]
 
     result = dot_product_test(f, vjp, xs, np.random.default_rng(seed + 1))
-    assert result.ok(), f"B={B} L={L} K={K} H={H} dh={dh} tau={tau} reset={reset} mask={mask}: {result}"
+    assert result.ok(), (
+        f"B={B} L={L} K={K} H={H} dh={dh} tau={tau} reset={reset} mask={mask}: {result}"
+    )
 
 
 def test_memformer_step_none_memory_cotangent_equals_zero():
@@ -72,7 +96,9 @@ def test_memformer_step_none_memory_cotangent_equals_zero():
     rng = np.random.default_rng(3)
     config = MemoryConfig(slots=3, dim=4, heads=2)
     params = {n: _u(rng, 4, 4) for n in MEMFORMER_PARAMS[:-1]} | {"v_bias": _u(rng, 3, 4)}
-    m, y, cache = memformer_step.forward(params, _u(rng, 2, 3, 4), _u(rng, 2, 3, 4), config=config, reset=np.array([True, False]))
+    m, y, cache = memformer_step.forward(
+        params, _u(rng, 2, 3, 4), _u(rng, 2, 3, 4), config=config, reset=np.array([True, False])
+    )
     dy = _u(rng, *y.shape)
     skipped = memformer_step.backward(cache, None, dy)
     full = memformer_step.backward(cache, np.zeros_like(m), dy)
@@ -85,11 +111,20 @@ def test_memformer_step_none_memory_cotangent_equals_zero():
 # ------------------------------------------------------------------ sab_step
 def _sab_inputs(rng, B, I, Hd, A, O, N):
     params = [
-        _u(rng, I + Hd, 4 * Hd, scale=np.sqrt(3.0 / (I + Hd))), _u(rng, 4 * Hd, scale=0.5),
-        _u(rng, Hd, A, scale=np.sqrt(3.0 / Hd)), _u(rng, Hd, A, scale=np.sqrt(3.0 / Hd)), _u(rng, A, scale=1.5),
-        _u(rng, Hd, O), _u(rng, Hd, O), _u(rng, O, scale=0.5),
+        _u(rng, I + Hd, 4 * Hd, scale=np.sqrt(3.0 / (I + Hd))),
+        _u(rng, 4 * Hd, scale=0.5),
+        _u(rng, Hd, A, scale=np.sqrt(3.0 / Hd)),
+        _u(rng, Hd, A, scale=np.sqrt(3.0 / Hd)),
+        _u(rng, A, scale=1.5),
+        _u(rng, Hd, O),
+        _u(rng, Hd, O),
+        _u(rng, O, scale=0.5),
     ]
-    return params + [_u(rng, B, I), _u(rng, B, Hd), _u(rng, B, Hd)] + [_u(rng, B, Hd) for _ in range(N)]
+    return (
+        params
+        + [_u(rng, B, I), _u(rng, B, Hd), _u(rng, B, Hd)]
+        + [_u(rng, B, Hd) for _ in range(N)]
+    )
 
 
 def _literal_sab_forward(base: Sequence[np.ndarray], config: SABConfig, t: int):
@@ -97,13 +132,21 @@ def _literal_sab_forward(base: Sequence[np.ndarray], config: SABConfig, t: int):
     p = dict(zip(SAB_PARAMS, base[:8]))
     (h_hat0, _), _ = lstm.lstm_cell_forward(base[8], base[9], base[10], p["lstm_w"], p["lstm_b"])
     mem0 = stack_memories(tuple(base[11:]), h_hat0)
-    attrs = {"k_top": config.k_top, "eps": config.eps, "threshold_grad": config.threshold_grad,
-             "block_score_grad": config.block_score_grad}
-    retrieve = _masked_forward("sparse_retrieve", Sample((h_hat0, mem0, p["w1"], p["w2"], p["w3"]), attrs))
+    attrs = {
+        "k_top": config.k_top,
+        "eps": config.eps,
+        "threshold_grad": config.threshold_grad,
+        "block_score_grad": config.block_score_grad,
+    }
+    retrieve = _masked_forward(
+        "sparse_retrieve", Sample((h_hat0, mem0, p["w1"], p["w2"], p["w3"]), attrs)
+    )
 
     def f(arrays: Sequence[np.ndarray]):
         q = dict(zip(SAB_PARAMS, arrays[:8]))
-        (h_hat, c_new), _ = lstm.lstm_cell_forward(arrays[8], arrays[9], arrays[10], q["lstm_w"], q["lstm_b"])
+        (h_hat, c_new), _ = lstm.lstm_cell_forward(
+            arrays[8], arrays[9], arrays[10], q["lstm_w"], q["lstm_b"]
+        )
         mems = tuple(arrays[11:])
         s, _ = retrieve([h_hat, stack_memories(mems, h_hat), q["w1"], q["w2"], q["w3"]])
         h = h_hat + s
@@ -115,12 +158,21 @@ def _literal_sab_forward(base: Sequence[np.ndarray], config: SABConfig, t: int):
 
 @pytest.mark.parametrize("fd_forward", ["literal", "plain"])
 @given(
-    B=st.integers(1, 2), I=st.integers(1, 2), Hd=st.integers(1, 3), A=st.integers(1, 3), O=st.integers(1, 2),
-    N=st.integers(0, 5), k_top=st.integers(1, 4), k_att=st.integers(1, 2), t=st.integers(1, 4),
-    threshold_grad=st.booleans(), block_score_grad=st.booleans(), seed=seeds,
+    B=st.integers(1, 2),
+    I=st.integers(1, 2),
+    Hd=st.integers(1, 3),
+    A=st.integers(1, 3),
+    O=st.integers(1, 2),
+    N=st.integers(0, 5),
+    k_top=st.integers(1, 4),
+    k_att=st.integers(1, 2),
+    t=st.integers(1, 4),
+    threshold_grad=st.booleans(),
+    block_score_grad=st.booleans(),
+    seed=seeds,
 )
 def test_sab_step_backward_matches_finite_differences(
-    fd_forward, B, I, Hd, A, O, N, k_top, k_att, t, threshold_grad, block_score_grad, seed  # noqa: E741
+    fd_forward, B, I, Hd, A, O, N, k_top, k_att, t, threshold_grad, block_score_grad, seed
 ):
     """sab_step's backward (memories included) matches central differences of its masked forward.
 
@@ -130,7 +182,9 @@ def test_sab_step_backward_matches_finite_differences(
     if fd_forward == "plain":
         threshold_grad, block_score_grad = True, False
     rng = np.random.default_rng(seed)
-    config = SABConfig(k_top=k_top, k_att=k_att, threshold_grad=threshold_grad, block_score_grad=block_score_grad)
+    config = SABConfig(
+        k_top=k_top, k_att=k_att, threshold_grad=threshold_grad, block_score_grad=block_score_grad
+    )
     xs = _sab_inputs(rng, B, I, Hd, A, O, N)
 
     def run(arrays):
@@ -140,7 +194,14 @@ def test_sab_step_backward_matches_finite_differences(
 
     (h_hat0, _), _ = lstm.lstm_cell_forward(xs[8], xs[9], xs[10], xs[0], xs[1])
     # The threshold is an order statistic: keep scores apart so the FD step cannot cross a tie.
-    assume(_min_gap(sab.sab_scores_forward(h_hat0, stack_memories(tuple(xs[11:]), h_hat0), xs[2], xs[3], xs[4])[0]) > 1e-2)
+    assume(
+        _min_gap(
+            sab.sab_scores_forward(
+                h_hat0, stack_memories(tuple(xs[11:]), h_hat0), xs[2], xs[3], xs[4]
+            )[0]
+        )
+        > 1e-2
+    )
 
     def plain(arrays):
         state, y, _ = run(arrays)

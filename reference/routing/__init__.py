@@ -19,9 +19,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from memcore.reference.routing._checks import reject_memformer_only
+from memcore.reference.routing.losses import DEFAULT_LOSS
 from memcore.reference.routing.memformer import memformer_bptt, memformer_unroll, mrbp
 from memcore.reference.routing.replay import sab_sparse_replay
-from memcore.reference.routing.sab import SabUnroll, sab_bptt, sab_full_bptt, sab_memory_grads, sab_unroll
+from memcore.reference.routing.sab import (
+    SabUnroll,
+    sab_bptt,
+    sab_full_bptt,
+    sab_memory_grads,
+    sab_unroll,
+)
 from memcore.reference.steps import Step, get_step
 from memcore.routing_types import Loss, RoutingResult
 
@@ -38,8 +45,17 @@ __all__ = [
 
 
 def bptt(
-    step: str | Step, params: Mapping[str, Any], xs: Any, state0: Any, targets: Any, *, config: Any,
-    loss: Loss = Loss(), resets: Any = None, token_mask: Any = None, truncate_every: int | None = None,
+    step: str | Step,
+    params: Mapping[str, Any],
+    xs: Any,
+    state0: Any,
+    targets: Any,
+    *,
+    config: Any,
+    loss: Loss = DEFAULT_LOSS,
+    resets: Any = None,
+    token_mask: Any = None,
+    truncate_every: int | None = None,
 ) -> RoutingResult:
     """Full back-propagation through time of ``step`` ("memformer" or "sab"): the ground truth.
 
@@ -62,9 +78,18 @@ def bptt(
     """
     chosen = get_step(step)
     if chosen.name == "sab":
-        reject_memformer_only("sab", resets=resets, token_mask=token_mask, truncate_every=truncate_every)
+        reject_memformer_only(
+            "sab", resets=resets, token_mask=token_mask, truncate_every=truncate_every
+        )
         return sab_full_bptt(params, xs, state0, targets, config=config, loss=loss)
     return memformer_bptt(
-        params, xs, state0, targets, config=config, loss=loss,
-        resets=resets, token_mask=token_mask, truncate_every=truncate_every,
+        params,
+        xs,
+        state0,
+        targets,
+        config=config,
+        loss=loss,
+        resets=resets,
+        token_mask=token_mask,
+        truncate_every=truncate_every,
     )

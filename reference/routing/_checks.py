@@ -16,7 +16,7 @@ from memcore.routing_types import HEAD_PARAM, MEMFORMER_PARAMS, SAB_PARAMS, Loss
 __all__ = ["FORWARD_ONLY", "check_memformer", "check_sab", "reject_memformer_only"]
 
 # Passed as ``targets`` by the forward-only unrolls: skips the target checks.
-_FORWARD_ONLY = FORWARD_ONLY = object()
+FORWARD_ONLY = object()
 
 
 def _is_array(x: Any) -> bool:
@@ -34,7 +34,12 @@ def _shape(name: str, x: Any, symbols: str, expected: Sequence[int | None]) -> t
 
 
 def _float(name: str, x: Any, dtype: str) -> None:
-    expect(dtype_name(x) == dtype, name, f"have the float dtype of `xs` ({dtype})", f"{name}.dtype={dtype_name(x)}")
+    expect(
+        dtype_name(x) == dtype,
+        name,
+        f"have the float dtype of `xs` ({dtype})",
+        f"{name}.dtype={dtype_name(x)}",
+    )
     if get_options().check_finite:
         expect(all_finite(x), name, "be finite (no NaN or Inf)", f"{name} has a non-finite entry")
 
@@ -47,14 +52,32 @@ def _bool(name: str, x: Any, symbols: str, expected: Sequence[int]) -> None:
 def _xs(xs: Any, rank: int, symbols: str, last: int | None) -> tuple[tuple[int, ...], str]:
     shape = _shape("xs", xs, symbols, [None] * (rank - 1) + [last])
     expect(shape[0] >= 1, "xs", "have T >= 1 time steps", f"xs.shape={shape}")
+    # The per-step losses average over batch rows (and tokens): none may be empty.
+    lead = symbols.split(", ")[1 : rank - 1]
+    expect(
+        all(d >= 1 for d in shape[1 : rank - 1]),
+        "xs",
+        f"have {', '.join(n + ' >= 1' for n in lead)}",
+        f"xs.shape={shape}",
+    )
     dtype = dtype_name(xs)
-    expect(dtype in ("float16", "bfloat16", "float32", "float64"), "xs", "have a floating dtype", f"xs.dtype={dtype}")
+    expect(
+        dtype in ("float16", "bfloat16", "float32", "float64"),
+        "xs",
+        "have a floating dtype",
+        f"xs.dtype={dtype}",
+    )
     _float("xs", xs, dtype)
     return shape, dtype
 
 
 def _params(params: Any, names: tuple[str, ...], kind: str) -> None:
-    expect(isinstance(params, Mapping), "params", "be a dict of arrays", f"params={type(params).__name__}")
+    expect(
+        isinstance(params, Mapping),
+        "params",
+        "be a dict of arrays",
+        f"params={type(params).__name__}",
+    )
     want = set(names) | ({HEAD_PARAM} if kind == "xent" else set())
     if kind == "any":  # a forward-only unroll ignores a loss head
         want |= {HEAD_PARAM} & set(params)
@@ -62,18 +85,32 @@ def _params(params: Any, names: tuple[str, ...], kind: str) -> None:
     extra = sorted(set(params) - want)
     expect(not missing, "params", f"contain {', '.join(sorted(want))}", f"missing {missing}")
     why = " (head_w is used by loss kind 'xent' only)" if HEAD_PARAM in extra else ""
-    expect(not extra, "params", f"contain only {', '.join(sorted(want))}{why}", f"unexpected {extra}")
+    expect(
+        not extra, "params", f"contain only {', '.join(sorted(want))}{why}", f"unexpected {extra}"
+    )
 
 
 def _loss(loss: Any, steps: int) -> None:
-    expect(isinstance(loss, Loss), "loss", "be a memcore.routing_types.Loss", f"loss={type(loss).__name__}")
+    expect(
+        isinstance(loss, Loss),
+        "loss",
+        "be a memcore.routing_types.Loss",
+        f"loss={type(loss).__name__}",
+    )
     if loss.weights is not None:
         n = len(loss.weights)
-        expect(n == steps, "loss.weights", f"have one weight per step (T = {steps})", f"len(loss.weights)={n}")
+        expect(
+            n == steps,
+            "loss.weights",
+            f"have one weight per step (T = {steps})",
+            f"len(loss.weights)={n}",
+        )
 
 
-def _targets(targets: Any, loss: Loss, mse_shape: tuple[int, ...], symbols: str, classes: int | None) -> None:
-    if targets is _FORWARD_ONLY:
+def _targets(
+    targets: Any, loss: Loss, mse_shape: tuple[int, ...], symbols: str, classes: int | None
+) -> None:
+    if targets is FORWARD_ONLY:
         return
     if loss.kind == "mse":
         _shape("targets", targets, symbols, mse_shape)
@@ -81,54 +118,99 @@ def _targets(targets: Any, loss: Loss, mse_shape: tuple[int, ...], symbols: str,
     xent_shape = mse_shape[:-1]
     _shape("targets", targets, symbols.rsplit(",", 1)[0], xent_shape)
     dtype = dtype_name(targets)
-    expect(dtype.startswith(("int", "uint")), "targets", "hold integer class ids for loss 'xent'", f"targets.dtype={dtype}")
+    expect(
+        dtype.startswith(("int", "uint")),
+        "targets",
+        "hold integer class ids for loss 'xent'",
+        f"targets.dtype={dtype}",
+    )
     xp = array_namespace(targets)
     ok = bool(xp.all((targets >= 0) & (targets < classes)))
     expect(ok, "targets", f"hold class ids in [0, C) = [0, {classes})", "an id outside that range")
 
 
-def _param(params: Mapping[str, Any], name: str, symbols: str, expected: Sequence[int | None], dtype: str) -> tuple[int, ...]:
+def _param(
+    params: Mapping[str, Any], name: str, symbols: str, expected: Sequence[int | None], dtype: str
+) -> tuple[int, ...]:
     shape = _shape(f"params['{name}']", params[name], symbols, expected)
     _float(f"params['{name}']", params[name], dtype)
     return shape
 
 
 def check_memformer(
-    params: Any, xs: Any, state0: Any, targets: Any, config: Any, loss: Any,
-    resets: Any, token_mask: Any, truncate_every: Any,
+    params: Any,
+    xs: Any,
+    state0: Any,
+    targets: Any,
+    config: Any,
+    loss: Any,
+    resets: Any,
+    token_mask: Any,
+    truncate_every: Any,
 ) -> None:
     """Validate a Memformer routing call (shapes from ``docs/semantics.md``)."""
-    expect(isinstance(config, MemoryConfig), "config", "be a memcore.MemoryConfig", f"config={type(config).__name__}")
-    expect(isinstance(loss, Loss), "loss", "be a memcore.routing_types.Loss", f"loss={type(loss).__name__}")
+    expect(
+        isinstance(config, MemoryConfig),
+        "config",
+        "be a memcore.MemoryConfig",
+        f"config={type(config).__name__}",
+    )
+    expect(
+        isinstance(loss, Loss),
+        "loss",
+        "be a memcore.routing_types.Loss",
+        f"loss={type(loss).__name__}",
+    )
     k, d = config.slots, config.dim
     (t, b, l, _), dtype = _xs(xs, 4, "T, B, L, D", d)
     _loss(loss, t)
     _shape("state0", state0, "B, K, D", (b, k, d))
     _float("state0", state0, dtype)
-    _params(params, MEMFORMER_PARAMS, loss.kind if targets is not _FORWARD_ONLY else "any")
+    _params(params, MEMFORMER_PARAMS, loss.kind if targets is not FORWARD_ONLY else "any")
     for name in MEMFORMER_PARAMS[:-1]:
         _param(params, name, "D, D", (d, d), dtype)
     _param(params, "v_bias", "K, D", (k, d), dtype)
     classes = None
     if loss.kind == "xent":
         classes = _param(params, HEAD_PARAM, "D, C", (d, None), dtype)[1]
-        expect(classes >= 1, "params['head_w']", "have C >= 1 classes", f"shape={params[HEAD_PARAM].shape}")
+        expect(
+            classes >= 1,
+            "params['head_w']",
+            "have C >= 1 classes",
+            f"shape={params[HEAD_PARAM].shape}",
+        )
     _targets(targets, loss, (t, b, l, d), "T, B, L, D", classes)
-    if loss.kind == "mse" and targets is not _FORWARD_ONLY:
+    if loss.kind == "mse" and targets is not FORWARD_ONLY:
         _float("targets", targets, dtype)
     if resets is not None:
         _bool("resets", resets, "T, B", (t, b))
     if token_mask is not None:
         _bool("token_mask", token_mask, "T, B, L", (t, b, l))
     if truncate_every is not None:
-        ok = isinstance(truncate_every, int) and not isinstance(truncate_every, bool) and truncate_every >= 1
-        expect(ok, "truncate_every", "be None or an integer >= 1", f"truncate_every={truncate_every!r}")
+        ok = (
+            isinstance(truncate_every, int)
+            and not isinstance(truncate_every, bool)
+            and truncate_every >= 1
+        )
+        expect(
+            ok, "truncate_every", "be None or an integer >= 1", f"truncate_every={truncate_every!r}"
+        )
 
 
 def check_sab(params: Any, xs: Any, state0: Any, targets: Any, config: Any, loss: Any) -> None:
     """Validate a SAB routing call (shapes from ``docs/semantics.md``)."""
-    expect(isinstance(config, SABConfig), "config", "be a memcore.SABConfig", f"config={type(config).__name__}")
-    expect(isinstance(loss, Loss), "loss", "be a memcore.routing_types.Loss", f"loss={type(loss).__name__}")
+    expect(
+        isinstance(config, SABConfig),
+        "config",
+        "be a memcore.SABConfig",
+        f"config={type(config).__name__}",
+    )
+    expect(
+        isinstance(loss, Loss),
+        "loss",
+        "be a memcore.routing_types.Loss",
+        f"loss={type(loss).__name__}",
+    )
     # SABConfig validates itself, but attrs.evolve(..., k_att=0) with validators off would not.
     for name in ("k_top", "k_att", "k_trunc"):
         v = getattr(config, name)
@@ -136,7 +218,7 @@ def check_sab(params: Any, xs: Any, state0: Any, targets: Any, config: Any, loss
         expect(ok, f"config.{name}", "be an integer >= 1", f"{name}={v!r}")
     (t, b, i), dtype = _xs(xs, 3, "T, B, I", None)
     _loss(loss, t)
-    _params(params, SAB_PARAMS, loss.kind if targets is not _FORWARD_ONLY else "any")
+    _params(params, SAB_PARAMS, loss.kind if targets is not FORWARD_ONLY else "any")
     hd, a = _param(params, "w1", "Hd, A", (None, None), dtype)
     expect(hd >= 1, "params['w1']", "have a hidden width Hd >= 1", f"params['w1'].shape={(hd, a)}")
     ok = isinstance(state0, (tuple, list)) and len(state0) == 2
@@ -155,9 +237,14 @@ def check_sab(params: Any, xs: Any, state0: Any, targets: Any, config: Any, loss
     classes = None
     if loss.kind == "xent":
         classes = _param(params, HEAD_PARAM, "O, C", (o, None), dtype)[1]
-        expect(classes >= 1, "params['head_w']", "have C >= 1 classes", f"shape={params[HEAD_PARAM].shape}")
+        expect(
+            classes >= 1,
+            "params['head_w']",
+            "have C >= 1 classes",
+            f"shape={params[HEAD_PARAM].shape}",
+        )
     _targets(targets, loss, (t, b, o), "T, B, O", classes)
-    if loss.kind == "mse" and targets is not _FORWARD_ONLY:
+    if loss.kind == "mse" and targets is not FORWARD_ONLY:
         _float("targets", targets, dtype)
 
 
@@ -165,4 +252,7 @@ def reject_memformer_only(step: str, **given: Any) -> None:
     """bptt('sab') takes no resets, token_mask or truncate_every (they are Memformer's)."""
     for name, value in given.items():
         if value is not None:
-            raise MemcoreError(f"`{name}` must be None for step {step!r} (it is Memformer's). Received: {name} of type {type(value).__name__}")
+            raise MemcoreError(
+                f"`{name}` must be None for step {step!r} (it is Memformer's). "
+                f"Received: {name} of type {type(value).__name__}"
+            )

@@ -9,8 +9,12 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from memcore.reference._xp import array_namespace, mT
+from memcore.routing_types import Loss
 
-__all__ = ["LossCache", "loss_backward", "loss_forward", "step_weights"]
+__all__ = ["DEFAULT_LOSS", "LossCache", "loss_backward", "loss_forward", "step_weights"]
+
+# Loss is frozen, so one shared default instance is safe: mse with unit weights.
+DEFAULT_LOSS = Loss()
 
 
 class LossCache(NamedTuple):

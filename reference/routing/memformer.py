@@ -13,9 +13,9 @@ from typing import Any
 
 from memcore.reference._xp import array_namespace
 from memcore.reference.routing._checks import FORWARD_ONLY, check_memformer
-from memcore.reference.routing.accounting import PeakTracker
 from memcore.reference.routing._common import GradSums, loss_cotangent
-from memcore.reference.routing.losses import loss_forward, step_weights
+from memcore.reference.routing.accounting import PeakTracker
+from memcore.reference.routing.losses import DEFAULT_LOSS, loss_forward, step_weights
 from memcore.reference.steps import memformer_step
 from memcore.routing_types import HEAD_PARAM, Loss, RoutingResult
 
@@ -34,16 +34,28 @@ def _cut(t: int, truncate_every: int | None) -> bool:
     return truncate_every is not None and t > 0 and t % truncate_every == 0
 
 
-def _step_backward(grads: GradSums, cache: Any, loss_cache: Any, weight: float, d_memory: Any) -> Any:
+def _step_backward(
+    grads: GradSums, cache: Any, loss_cache: Any, weight: float, d_memory: Any
+) -> Any:
     """Backward of one step and its weighted loss term; returns dM_t."""
-    step_grads, _, d_memory = memformer_step.backward(cache, d_memory, loss_cotangent(grads, loss_cache, weight))
+    step_grads, _, d_memory = memformer_step.backward(
+        cache, d_memory, loss_cotangent(grads, loss_cache, weight)
+    )
     grads.add(step_grads)
     return d_memory
 
 
 def memformer_bptt(
-    params: Mapping[str, Any], xs: Any, state0: Any, targets: Any, *, config: Any, loss: Loss = Loss(),
-    resets: Any = None, token_mask: Any = None, truncate_every: int | None = None,
+    params: Mapping[str, Any],
+    xs: Any,
+    state0: Any,
+    targets: Any,
+    *,
+    config: Any,
+    loss: Loss = DEFAULT_LOSS,
+    resets: Any = None,
+    token_mask: Any = None,
+    truncate_every: int | None = None,
 ) -> RoutingResult:
     """Full BPTT of Memformer: keep every step's cache, one reverse sweep (the ground truth).
 
@@ -64,7 +76,9 @@ def memformer_bptt(
     tracker = PeakTracker(params)
     memory, total, caches = state0, 0.0, []
     for t in range(steps):
-        memory, y, cache = memformer_step.forward(params, xs[t], memory, config=config, **_per_step(resets, token_mask, t))
+        memory, y, cache = memformer_step.forward(
+            params, xs[t], memory, config=config, **_per_step(resets, token_mask, t)
+        )
         value, loss_cache = loss_forward(loss.kind, y, targets[t], head)
         total += weights[t] * value
         caches.append((cache, loss_cache))
@@ -79,8 +93,16 @@ def memformer_bptt(
 
 
 def mrbp(
-    params: Mapping[str, Any], xs: Any, M0: Any, targets: Any, *, config: Any, loss: Loss = Loss(),
-    resets: Any = None, token_mask: Any = None, truncate_every: int | None = None,
+    params: Mapping[str, Any],
+    xs: Any,
+    M0: Any,
+    targets: Any,
+    *,
+    config: Any,
+    loss: Loss = DEFAULT_LOSS,
+    resets: Any = None,
+    token_mask: Any = None,
+    truncate_every: int | None = None,
 ) -> RoutingResult:
     """Memory Replay Back-Propagation (Memformer Alg. 1), equal to :func:`memformer_bptt`.
 
@@ -112,7 +134,9 @@ def mrbp(
         tracker.observe(memories, cache, loss_cache)  # transient: dropped before the next step
     grads, d_memory = GradSums(params), None
     for t in reversed(range(steps)):
-        _, y, cache = memformer_step.forward(params, xs[t], memories[t], config=config, **_per_step(resets, token_mask, t))
+        _, y, cache = memformer_step.forward(
+            params, xs[t], memories[t], config=config, **_per_step(resets, token_mask, t)
+        )
         _, loss_cache = loss_forward(loss.kind, y, targets[t], head)
         tracker.observe(memories, cache, loss_cache)
         d_memory = _step_backward(grads, cache, loss_cache, weights[t], d_memory)
@@ -122,13 +146,21 @@ def mrbp(
 
 
 def memformer_unroll(
-    params: Mapping[str, Any], xs: Any, M0: Any, *, config: Any, resets: Any = None, token_mask: Any = None
+    params: Mapping[str, Any],
+    xs: Any,
+    M0: Any,
+    *,
+    config: Any,
+    resets: Any = None,
+    token_mask: Any = None,
 ) -> tuple[Any, Any]:
     """The forward alone: (ys (T, B, L, D), M_T (B, K, D))."""
     check_memformer(params, xs, M0, FORWARD_ONLY, config, Loss(), resets, token_mask, None)
     xp = array_namespace(xs)
     memory, ys = M0, []
     for t in range(xs.shape[0]):
-        memory, y, _ = memformer_step.forward(params, xs[t], memory, config=config, **_per_step(resets, token_mask, t))
+        memory, y, _ = memformer_step.forward(
+            params, xs[t], memory, config=config, **_per_step(resets, token_mask, t)
+        )
         ys.append(y)
     return xp.stack(ys, axis=0), memory

@@ -19,7 +19,7 @@ from memcore.reference._xp import array_namespace
 from memcore.reference.routing._checks import check_sab
 from memcore.reference.routing._common import GradSums
 from memcore.reference.routing.accounting import PeakTracker
-from memcore.reference.routing.losses import loss_forward, step_weights
+from memcore.reference.routing.losses import DEFAULT_LOSS, loss_forward, step_weights
 from memcore.reference.routing.sab import backward_steps, chunk_bounds, initial_state
 from memcore.reference.steps import SabState, sab_step
 from memcore.routing_types import HEAD_PARAM, Loss, RoutingResult
@@ -27,7 +27,13 @@ from memcore.routing_types import HEAD_PARAM, Loss, RoutingResult
 __all__ = ["sab_sparse_replay"]
 
 
-def _receives_gradient(chunk: int, step_range: range, weights: tuple[float, ...], writer: list[int], d_memories: list[Any]) -> bool:
+def _receives_gradient(
+    chunk: int,
+    step_range: range,
+    weights: tuple[float, ...],
+    writer: list[int],
+    d_memories: list[Any],
+) -> bool:
     if any(weights[t - 1] != 0.0 for t in step_range):
         return True
     xp = None
@@ -40,7 +46,13 @@ def _receives_gradient(chunk: int, step_range: range, weights: tuple[float, ...]
 
 
 def sab_sparse_replay(
-    params: Mapping[str, Any], xs: Any, state0: Any, targets: Any, *, config: Any, loss: Loss = Loss()
+    params: Mapping[str, Any],
+    xs: Any,
+    state0: Any,
+    targets: Any,
+    *,
+    config: Any,
+    loss: Loss = DEFAULT_LOSS,
 ) -> RoutingResult:
     """sab_bptt's gradient, holding at most one chunk's cache at a time.
 
@@ -99,4 +111,6 @@ def sab_sparse_replay(
     dc0 = xp.zeros_like(c0) if dc0 is None else dc0
     if config.include_h0_memory and d_memories[0] is not None:
         dh0 = dh0 + d_memories[0]
-    return RoutingResult(total, grads.sums, (dh0, dc0), (state.h, state.c), tracker.peak, tuple(replayed))
+    return RoutingResult(
+        total, grads.sums, (dh0, dc0), (state.h, state.c), tracker.peak, tuple(replayed)
+    )

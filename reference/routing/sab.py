@@ -16,7 +16,7 @@ from memcore.reference._xp import array_namespace
 from memcore.reference.routing._checks import FORWARD_ONLY, check_sab
 from memcore.reference.routing._common import GradSums, loss_cotangent
 from memcore.reference.routing.accounting import PeakTracker
-from memcore.reference.routing.losses import loss_forward, step_weights
+from memcore.reference.routing.losses import DEFAULT_LOSS, loss_forward, step_weights
 from memcore.reference.steps import SabState, sab_step, stack_memories
 from memcore.routing_types import HEAD_PARAM, Loss, RoutingResult
 
@@ -50,8 +50,14 @@ def chunk_bounds(steps: int, k_trunc: int) -> list[tuple[int, int]]:
 
 
 def backward_steps(
-    records: list[tuple[int, Any, Any]], weights: tuple[float, ...], grads: GradSums,
-    d_memories: list[Any], *, k_trunc: int | None, dh: Any = None, dc: Any = None,
+    records: list[tuple[int, Any, Any]],
+    weights: tuple[float, ...],
+    grads: GradSums,
+    d_memories: list[Any],
+    *,
+    k_trunc: int | None,
+    dh: Any = None,
+    dc: Any = None,
 ) -> tuple[Any, Any]:
     """Reverse sweep over ``records`` = [(t, step cache, loss cache)] in forward order.
 
@@ -64,7 +70,9 @@ def backward_steps(
     for t, cache, loss_cache in reversed(records):
         d_y = loss_cotangent(grads, loss_cache, weights[t - 1])
         n_out = cache.n_read + int(cache.wrote)
-        step_grads, _, d_state = sab_step.backward(cache, SabState(dh, dc, tuple(d_memories[:n_out])), d_y)
+        step_grads, _, d_state = sab_step.backward(
+            cache, SabState(dh, dc, tuple(d_memories[:n_out])), d_y
+        )
         grads.add(step_grads)
         d_memories[: cache.n_read] = d_state.memories
         dh, dc = d_state.h, d_state.c
@@ -78,7 +86,13 @@ def _count_memories(steps: int, config: Any) -> int:
 
 
 def _whole_graph(
-    params: Mapping[str, Any], xs: Any, state0: Any, targets: Any, config: Any, loss: Loss, truncate: bool
+    params: Mapping[str, Any],
+    xs: Any,
+    state0: Any,
+    targets: Any,
+    config: Any,
+    loss: Loss,
+    truncate: bool,
 ) -> tuple[RoutingResult, list[Any]]:
     check_sab(params, xs, state0, targets, config, loss)
     steps = xs.shape[0]
@@ -94,7 +108,9 @@ def _whole_graph(
     tracker.observe(records)  # the worst moment: every step's cache
     grads = GradSums(params)
     d_memories: list[Any] = [None] * _count_memories(steps, config)
-    dh0, dc0 = backward_steps(records, weights, grads, d_memories, k_trunc=config.k_trunc if truncate else None)
+    dh0, dc0 = backward_steps(
+        records, weights, grads, d_memories, k_trunc=config.k_trunc if truncate else None
+    )
     if config.include_h0_memory and d_memories[0] is not None:
         dh0 = dh0 + d_memories[0]  # h0 is memory 0: its reads' gradient reaches the initial state
     result = RoutingResult(total, grads.sums, (dh0, dc0), (state.h, state.c), tracker.peak)
@@ -102,7 +118,13 @@ def _whole_graph(
 
 
 def sab_full_bptt(
-    params: Mapping[str, Any], xs: Any, state0: Any, targets: Any, *, config: Any, loss: Loss = Loss()
+    params: Mapping[str, Any],
+    xs: Any,
+    state0: Any,
+    targets: Any,
+    *,
+    config: Any,
+    loss: Loss = DEFAULT_LOSS,
 ) -> RoutingResult:
     """Plain BPTT of the SAB forward: the step's own stop-gradients, no chunk truncation.
 
@@ -118,7 +140,13 @@ def sab_full_bptt(
 
 
 def sab_bptt(
-    params: Mapping[str, Any], xs: Any, state0: Any, targets: Any, *, config: Any, loss: Loss = Loss()
+    params: Mapping[str, Any],
+    xs: Any,
+    state0: Any,
+    targets: Any,
+    *,
+    config: Any,
+    loss: Loss = DEFAULT_LOSS,
 ) -> RoutingResult:
     """The SAB gradient on the whole masked graph: (h, c) cut entering each chunk start.
 
@@ -131,7 +159,13 @@ def sab_bptt(
 
 
 def sab_memory_grads(
-    params: Mapping[str, Any], xs: Any, state0: Any, targets: Any, *, config: Any, loss: Loss = Loss()
+    params: Mapping[str, Any],
+    xs: Any,
+    state0: Any,
+    targets: Any,
+    *,
+    config: Any,
+    loss: Loss = DEFAULT_LOSS,
 ) -> tuple[Any, ...]:
     """dL/d(memory j) under sab_bptt, for j = 0..N-1: each (B, Hd), the gradient the reads
     send into memory j (which then flows back through its writing step's chunk)."""

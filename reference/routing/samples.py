@@ -54,9 +54,21 @@ def _weights(rng: np.random.Generator, steps: int, zero_prob: float) -> tuple[fl
 
 
 def memformer_sample(
-    rng: np.random.Generator, *, T: int = 4, B: int = 2, L: int = 3, K: int = 3, D: int = 4, H: int = 2,
-    tau: float = 0.5, kind: str = "mse", C: int = 3, resets: bool = False, token_mask: bool = False,
-    zero_weight_prob: float = 0.0, dtype: str = "float64",
+    rng: np.random.Generator,
+    *,
+    T: int = 4,
+    B: int = 2,
+    L: int = 3,
+    K: int = 3,
+    D: int = 4,
+    H: int = 2,
+    tau: float = 0.5,
+    kind: str = "mse",
+    C: int = 3,
+    resets: bool = False,
+    token_mask: bool = False,
+    zero_weight_prob: float = 0.0,
+    dtype: str = "float64",
 ) -> RoutingSample:
     """A Memformer call with xs (T, B, L, D), M_0 (B, K, D) on the unit sphere (as BMN writes).
 
@@ -85,8 +97,18 @@ def memformer_sample(
 
 
 def sab_sample(
-    rng: np.random.Generator, *, T: int = 6, B: int = 2, I: int = 2, Hd: int = 3, A: int = 3, O: int = 2,
-    config: SABConfig | None = None, kind: str = "mse", C: int = 3, zero_weight_prob: float = 0.0,
+    rng: np.random.Generator,
+    *,
+    T: int = 6,
+    B: int = 2,
+    I: int = 2,
+    Hd: int = 3,
+    A: int = 3,
+    O: int = 2,
+    config: SABConfig | None = None,
+    kind: str = "mse",
+    C: int = 3,
+    zero_weight_prob: float = 0.0,
     dtype: str = "float64",
 ) -> RoutingSample:
     """A SAB call with xs (T, B, I), (h0, c0) each (B, Hd) and targets (T, B, O) or (T, B)."""
