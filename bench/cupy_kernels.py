@@ -28,6 +28,8 @@ __all__ = ["PRESETS", "main", "run"]
 # name -> per-kernel sizes: bmn (B, K, D); sparsify (B, N, k_top); slot (B, K, L, H, D)
 PRESETS: dict[str, dict[str, tuple[int, ...]]] = {
     "small": {"bmn": (8, 16, 256), "sparsify": (64, 128, 5), "slot": (8, 16, 128, 4, 256)},
+    "mid": {"bmn": (32, 64, 512), "sparsify": (256, 500, 5), "slot": (16, 32, 256, 8, 512)},
+    "mid2": {"bmn": (32, 64, 512), "sparsify": (256, 500, 5), "slot": (16, 64, 512, 8, 512)},
     "medium": {"bmn": (64, 64, 512), "sparsify": (512, 1000, 5), "slot": (32, 64, 512, 8, 512)},
     "large": {"bmn": (256, 128, 1024), "sparsify": (4096, 2000, 8), "slot": (64, 128, 1024, 8, 1024)},
 }
@@ -67,6 +69,11 @@ def _check(name: str, got: Any, want: Any, cp, rtol: float, atol: float) -> None
         raise AssertionError(f"{name}: max abs error {err:.3e} > {bound:.3e}")
 
 
+def _case(**fields: Any) -> dict[str, Any]:
+    """One benchmark row's definition: kernel, stage, shape, fused/unfused/torch callables, check."""
+    return fields
+
+
 def _cases(cp, torch, sizes: dict[str, tuple[int, ...]], dtype: str, rng) -> list[dict[str, Any]]:
     """Each case: name, shape label, and fused / unfused / torch callables plus a check.
 
@@ -92,7 +99,7 @@ def _bmn_cases(cp, torch, tt, sizes, u) -> list[dict[str, Any]]:
     m, vb, dy = u(b, k, d), u(k, d), u(b, k, d)
     y, n = kernels.bmn_forward(m, vb)
     ry, rn = ref_memory.normalize(cp, m + vb)
-    cases.append(dict(
+    cases.append(_case(
         kernel="bmn", stage="forward", shape=f"B={b} K={k} D={d}",
         fused=lambda: kernels.bmn_forward(m, vb),
         unfused=lambda: ref_memory.normalize(cp, m + vb),
@@ -101,7 +108,7 @@ def _bmn_cases(cp, torch, tt, sizes, u) -> list[dict[str, Any]]:
     ))
     tm = tt(m).clone().requires_grad_(True) if tt else None
     t_out = torch.nn.functional.normalize(tm + tt(vb), dim=-1, eps=1e-12) if tt else None
-    cases.append(dict(
+    cases.append(_case(
         kernel="bmn", stage="backward", shape=f"B={b} K={k} D={d}",
         fused=lambda: fused.bmn_backward(ref_memory.BmnCache(y, n), dy),
         unfused=lambda: ref_memory.bmn_backward(ref_memory.BmnCache(ry, rn), dy),
@@ -132,14 +139,14 @@ def _sparsify_cases(cp, torch, tt, sizes, u) -> list[dict[str, Any]]:
 
     ta = tt(sc).clone().requires_grad_(True) if tt else None
     tw = torch_sparsify(ta) if tt else None
-    cases.append(dict(
+    cases.append(_case(
         kernel="sparsify", stage="forward", shape=f"B={b} N={nn} k_top={k_top}",
         fused=lambda: fused.sparsify_forward(sc, k_top=k_top, eps=1e-7),
         unfused=lambda: ref_sab.sparsify_forward(sc, k_top=k_top, eps=1e-7),
         torch=(lambda: torch_sparsify(tt(sc))) if tt else None,
         check=[(fw, w)] + ([(tw.detach(), w)] if tt else []),
     ))
-    cases.append(dict(
+    cases.append(_case(
         kernel="sparsify", stage="backward", shape=f"B={b} N={nn} k_top={k_top}",
         fused=lambda: fused.sparsify_backward(fc, dw),
         unfused=lambda: ref_sab.sparsify_backward(cache, dw),
@@ -178,7 +185,7 @@ def _slot_cases(cp, torch, tt, sizes, u) -> list[dict[str, Any]]:
         out = a[..., :1] * ms + a[..., 1:] @ vx
         return out.transpose(1, 2).reshape(b, k, d)
 
-    cases.append(dict(
+    cases.append(_case(
         kernel="slot_attention", stage="forward", shape=f"B={b} K={k} L={ell} H={h} D={d}",
         fused=lambda: fused.slot_attention_output(mem, x, wq, wk, wv, num_heads=h, tau=tau),
         unfused=lambda: ref_attention.slot_attention_forward(mem, x, wq, wk, wv, num_heads=h, tau=tau),
@@ -186,7 +193,7 @@ def _slot_cases(cp, torch, tt, sizes, u) -> list[dict[str, Any]]:
         check=[(fused.slot_attention_output(mem, x, wq, wk, wv, num_heads=h, tau=tau), want)]
         + ([(torch_slot(), want)] if tt else []),
     ))
-    cases.append(dict(
+    cases.append(_case(
         kernel="slot_attention", stage="forward+weights", shape=f"B={b} K={k} L={ell} H={h} D={d}",
         fused=lambda: fused.slot_attention_forward(mem, x, wq, wk, wv, num_heads=h, tau=tau),
         unfused=lambda: ref_attention.slot_attention_forward(mem, x, wq, wk, wv, num_heads=h, tau=tau),
@@ -200,8 +207,9 @@ def _op_cases(cp, torch, tt, sizes, u) -> list[dict[str, Any]]:
     """Whole ops through the backend, fused against unfused (validation in, finite checks off)."""
     import math
 
-    import memcore
     from memcore.backends.cupy import CupyBackend
+
+    import memcore
 
     cases: list[dict[str, Any]] = []
     b, k, ell, h, d = sizes["slot"]
@@ -216,7 +224,7 @@ def _op_cases(cp, torch, tt, sizes, u) -> list[dict[str, Any]]:
         with memcore.options(check_finite=False):
             return be.vjp(op, args, at, cot)
 
-    cases.append(dict(
+    cases.append(_case(
         kernel="memory_write", stage="vjp (op)", shape=f"B={b} K={k} L={ell} H={h} D={d}",
         fused=lambda: vjp(on, "memory_write", w_args, w_at, ct),
         unfused=lambda: vjp(off, "memory_write", w_args, w_at, ct),
@@ -227,7 +235,7 @@ def _op_cases(cp, torch, tt, sizes, u) -> list[dict[str, Any]]:
     hd, a_dim = 64, 32
     r_args = (u(b, hd), u(b, nn, hd), u(hd, a_dim, scale=0.2), u(hd, a_dim, scale=0.2), u(a_dim))
     r_at, r_ct = {"k_top": k_top}, (u(b, hd), u(b, nn))
-    cases.append(dict(
+    cases.append(_case(
         kernel="sparse_retrieve", stage="vjp (op)", shape=f"B={b} N={nn} Hd={hd} A={a_dim} k_top={k_top}",
         fused=lambda: vjp(on, "sparse_retrieve", r_args, r_at, r_ct),
         unfused=lambda: vjp(off, "sparse_retrieve", r_args, r_at, r_ct),
@@ -297,7 +305,7 @@ HEADER = ("| preset | kernel | stage | shape | dtype | fused us | unfused CuPy u
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="small,medium", help=f"comma-separated presets: {', '.join(PRESETS)}")
+    parser.add_argument("--sizes", default="small,mid,medium", help=f"comma-separated presets: {', '.join(PRESETS)}")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--trials", type=int, default=5)

@@ -17,20 +17,20 @@ try:
     import cupy as cp
 
     _GPUS = cp.cuda.runtime.getDeviceCount()
-except Exception:  # ImportError, or cupy without a driver or device
+except (ImportError, RuntimeError, OSError):  # no cupy, or cupy without a driver or device
     _GPUS = 0
 if not _GPUS:
     pytest.skip("needs CUDA and cupy", allow_module_level=True)
+
+from memcore.backends.cupy import CupyBackend, kernels
+from memcore.reference import attention as ref_attention
+from memcore.reference import memory as ref_memory
+from memcore.reference import sab as ref_sab
 
 import memcore
 from memcore import MemcoreError, reference
 from memcore.ops import OPS
 from memcore.opspec import Sizes
-from memcore.reference import attention as ref_attention
-from memcore.reference import memory as ref_memory
-from memcore.reference import sab as ref_sab
-
-from memcore.backends.cupy import CupyBackend, kernels
 
 # max |got - want| <= atol + rtol * max |want|, per dtype (float16 computes in float32).
 TOL = {"float64": (1e-10, 1e-12), "float32": (3e-4, 1e-5), "float16": (3e-2, 3e-2)}
@@ -237,6 +237,27 @@ def test_fused_write_vjp_matches_unfused_on_ragged_sizes():
         _close(gf, gu, "float64", f"write d{name}")
 
 
+def test_slot_gate_sends_large_writes_to_the_unfused_path(monkeypatch):
+    """Above SLOT_KERNEL_MAX_LOGITS the backend's write keeps the reference slot attention
+    (its weights are the reference's own), and still equals the unfused VJP."""
+    from memcore.backends.cupy import fused
+
+    rng = _rng("gate")
+    memory, x, (wq, wk, wv), mask = _slot_inputs(rng, 2, 4, 6, 2, 8, "float64", "random")
+    assert fused.slot_kernel_pays(memory, x, 2)
+    monkeypatch.setattr(fused, "SLOT_KERNEL_MAX_LOGITS", 2 * 2 * 4 * 6 - 1)
+    assert not fused.slot_kernel_pays(memory, x, 2)
+    _, cache = fused.gated_slot_attention_forward(memory, x, wq, wk, wv, num_heads=2, tau=0.5, token_mask=mask)
+    _, want = ref_attention.slot_attention_forward(memory, x, wq, wk, wv, num_heads=2, tau=0.5, token_mask=mask)
+    assert cp.array_equal(cache.a, want.a)
+    vb, ct = _u(rng, (4, 16), "float64"), _u(rng, (2, 4, 16), "float64")
+    args, at = (memory, x, wq, wk, wv, vb), {"num_heads": 2, "tau": 0.5, "token_mask": mask}
+    _, g_f = CupyBackend(fused=True).vjp("memory_write", args, at, ct)
+    _, g_u = CupyBackend(fused=False).vjp("memory_write", args, at, ct)
+    for gf, gu in zip(g_f, g_u):
+        _close(gf, gu, "float64", "gated write grad")
+
+
 # ------------------------------------------------------------------ DLPack
 def test_dlpack_torch_both_ways_zero_copy():
     """cupy -> torch and torch -> cupy share memory on the same GPU."""
@@ -280,7 +301,7 @@ def test_split_heads_views_feed_reference_backward():
     """The fused forward's cache (split_heads views of contiguous projections) is valid input
     to the reference backward: slot_attention VJP equals the unfused one."""
     rng = _rng("views")
-    memory, x, (wq, wk, wv), mask = _slot_inputs(rng, 2, 5, 9, 2, 40, "float64", None)
+    memory, x, (wq, wk, wv), _ = _slot_inputs(rng, 2, 5, 9, 2, 40, "float64", None)
     ct = _u(rng, memory.shape, "float64")
     at = {"num_heads": 2, "tau": 0.5}
     _, gf = CupyBackend(fused=True).vjp("slot_attention", (memory, x, wq, wk, wv), at, ct)

@@ -9,21 +9,21 @@ float16 computes in float32 (inputs upcast, outputs and gradients cast back).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 import cupy as cp
 import numpy as np
+from memcore.backends.cupy import interop
+from memcore.backends.cupy.fused import FUSED_OPS
 
 from memcore import reference
 from memcore.errors import MemcoreError
-from memcore.options import options
 from memcore.ops import OPS
+from memcore.options import options
 from memcore.protocol import BackendBase, Capabilities
-
-from memcore.backends.cupy import interop
-from memcore.backends.cupy.fused import FUSED_OPS
 
 __all__ = ["CupyBackend"]
 
@@ -92,6 +92,15 @@ class CupyBackend(BackendBase):
             return cp.asnumpy(x)
         return np.array(x, copy=True)
 
+    def device_of(self, x: Any) -> str:
+        """'cuda:N' for a CuPy array (the conformance runner's hook), else 'cpu'."""
+        return f"cuda:{x.device.id}" if isinstance(x, cp.ndarray) else "cpu"
+
+    def numerics_settings(self) -> dict[str, Any]:
+        """What shapes float results: CuPy's TF32 switch (off unless CUPY_TF32=1) and the kernels."""
+        return {"CUPY_TF32": os.environ.get("CUPY_TF32", "0"), "fused_kernels": self.fused,
+                "float16": "computed in float32"}
+
     def _all_finite(self, x: Any) -> bool:
         return bool(cp.isfinite(x).all())
 
@@ -104,7 +113,8 @@ class CupyBackend(BackendBase):
     # ------------------------------------------------------------------ ops
     def _check_arrays(self, op: str, inputs: tuple[Any, ...]) -> None:
         for spec, x in zip(OPS[op].inputs, inputs):
-            if not isinstance(x, cp.ndarray):
+            # Non-arrays get the shared validation's message; other frameworks' arrays get ours.
+            if hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, cp.ndarray):
                 raise MemcoreError(
                     f"`{spec.name}` must be a cupy.ndarray for the cupy backend. "
                     f"Received: {type(x).__module__}.{type(x).__name__}"

@@ -16,29 +16,31 @@ import math
 from typing import Any
 
 import cupy as cp
-
+from memcore.backends.cupy import kernels
 from memcore.reference import attention as ref_attention
 from memcore.reference import sab as ref_sab
 from memcore.reference._xp import split_heads
 from memcore.reference.memory import BmnCache, WriteCache
 from memcore.reference.sab import RetrieveCache, SparsifyCache
 
-from memcore.backends.cupy import kernels
-
 __all__ = [
     "FUSED_OPS",
-    "bmn_forward",
+    "SLOT_KERNEL_MAX_LOGITS",
     "bmn_backward",
-    "slot_attention_forward",
-    "slot_attention_backward",
-    "slot_attention_output",
+    "bmn_forward",
+    "gated_slot_attention_forward",
+    "gated_slot_attention_output",
+    "memory_write_backward",
     "memory_write_forward",
     "memory_write_output",
-    "memory_write_backward",
-    "sparsify_forward",
-    "sparsify_backward",
-    "sparse_retrieve_forward",
+    "slot_attention_backward",
+    "slot_attention_forward",
+    "slot_attention_output",
+    "slot_kernel_pays",
     "sparse_retrieve_backward",
+    "sparse_retrieve_forward",
+    "sparsify_backward",
+    "sparsify_forward",
 ]
 
 
@@ -84,17 +86,48 @@ def slot_attention_output(memory, x, wq, wk, wv, *, num_heads: int, tau: float =
 slot_attention_backward = ref_attention.slot_attention_backward
 
 
+# Measured on an H200 (bench/results/cupy-kernels-h200.md, float32, projections included):
+# the one-warp-per-row slot kernel beats the unfused path (cuBLAS batched matmuls +
+# elementwise) 2.1-2.2x up to B*H*K*L = 2**20 logits, is at the crossover near 2**22 and
+# loses beyond (0.74x at 2**23, 0.65x at 2**26), where the matmuls' reuse of each token
+# key across slots wins. Above the bound the backend keeps the unfused slot attention.
+SLOT_KERNEL_MAX_LOGITS = 1 << 20
+
+
+def slot_kernel_pays(memory, x, num_heads: int) -> bool:
+    """Whether B*H*K*L is within the range where the fused slot kernel measured faster."""
+    b, k, _ = memory.shape
+    return b * num_heads * k * max(x.shape[1], 1) <= SLOT_KERNEL_MAX_LOGITS
+
+
+def gated_slot_attention_forward(memory, x, wq, wk, wv, *, num_heads: int, tau: float = 0.25, token_mask=None):
+    """The fused slot attention where it pays, else the reference's: (out, SlotCache)."""
+    fwd = slot_attention_forward if slot_kernel_pays(memory, x, num_heads) else ref_attention.slot_attention_forward
+    return fwd(memory, x, wq, wk, wv, num_heads=num_heads, tau=tau, token_mask=token_mask)
+
+
+def gated_slot_attention_output(memory, x, wq, wk, wv, *, num_heads: int, tau: float = 0.25, token_mask=None):
+    """Forward only, gated like :func:`gated_slot_attention_forward`: (B, K, D)."""
+    if slot_kernel_pays(memory, x, num_heads):
+        return slot_attention_output(memory, x, wq, wk, wv, num_heads=num_heads, tau=tau, token_mask=token_mask)
+    return ref_attention.slot_attention_forward(
+        memory, x, wq, wk, wv, num_heads=num_heads, tau=tau, token_mask=token_mask
+    )[0]
+
+
 # ------------------------------------------------------------------ memory write
 def memory_write_forward(memory, x, wq, wk, wv, v_bias, *, num_heads: int, tau: float = 0.25, token_mask=None):
-    """bmn(slot_attention(...)) with both halves fused: (B, K, D) and the WriteCache."""
-    m, slot = slot_attention_forward(memory, x, wq, wk, wv, num_heads=num_heads, tau=tau, token_mask=token_mask)
+    """bmn(slot_attention(...)): fused BMN, slot attention fused where it pays; WriteCache."""
+    m, slot = gated_slot_attention_forward(
+        memory, x, wq, wk, wv, num_heads=num_heads, tau=tau, token_mask=token_mask
+    )
     y, norm = bmn_forward(m, v_bias)
     return y, WriteCache(slot, norm)
 
 
 def memory_write_output(memory, x, wq, wk, wv, v_bias, *, num_heads: int, tau: float = 0.25, token_mask=None):
     """Forward only: bmn(slot_attention(...)) without storing weights, (B, K, D)."""
-    m = slot_attention_output(memory, x, wq, wk, wv, num_heads=num_heads, tau=tau, token_mask=token_mask)
+    m = gated_slot_attention_output(memory, x, wq, wk, wv, num_heads=num_heads, tau=tau, token_mask=token_mask)
     return kernels.bmn_forward(m, v_bias)[0]
 
 
@@ -147,7 +180,7 @@ def sparse_retrieve_backward(cache: RetrieveCache, grad_out):
 # op name -> (forward, backward, forward-only or None)
 FUSED_OPS = {
     "bmn": (bmn_forward, bmn_backward, None),
-    "slot_attention": (slot_attention_forward, slot_attention_backward, slot_attention_output),
+    "slot_attention": (gated_slot_attention_forward, slot_attention_backward, gated_slot_attention_output),
     "memory_write": (memory_write_forward, memory_write_backward, memory_write_output),
     "sparsify": (sparsify_forward, sparsify_backward, None),
     "sparse_retrieve": (sparse_retrieve_forward, sparse_retrieve_backward, None),

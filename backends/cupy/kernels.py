@@ -23,12 +23,12 @@ from typing import Any
 
 __all__ = [
     "BLOCK_MAX",
-    "bmn_forward",
-    "bmn_backward",
-    "sparsify_forward",
-    "sparsify_backward",
-    "slot_attention_core",
     "SLOT_WARPS",
+    "bmn_backward",
+    "bmn_forward",
+    "slot_attention_core",
+    "sparsify_backward",
+    "sparsify_forward",
 ]
 
 BLOCK_MAX = 256  # threads per block for the row kernels
@@ -259,7 +259,7 @@ def _ctype(dtype: Any) -> str:
     raise TypeError(f"fused kernels take float32 or float64, got {name}")  # internal invariant
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module(family: str, ctype: str, dh: int = 0):
     header = f"typedef {ctype} T;\n"
     if family == "slot":
