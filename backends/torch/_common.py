@@ -12,7 +12,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["DTYPES", "HALF", "compute_dtype", "half_safe", "merge_heads", "split_heads", "torch_dtype"]
+__all__ = [
+    "DTYPES",
+    "HALF",
+    "compute_dtype",
+    "half_safe",
+    "merge_heads",
+    "split_heads",
+    "torch_dtype",
+]
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,

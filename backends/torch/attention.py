@@ -38,7 +38,9 @@ def memory_read(x, memory, wq, wk, wv, wo, *, num_heads: int) -> torch.Tensor:
 
 
 @half_safe
-def slot_attention(memory, x, wq, wk, wv, *, num_heads: int, tau: float = 0.25, token_mask=None) -> torch.Tensor:
+def slot_attention(
+    memory, x, wq, wk, wv, *, num_heads: int, tau: float = 0.25, token_mask=None
+) -> torch.Tensor:
     """Slot attention write (Memformer Eq. 4-8): each slot attends to [itself; tokens].
 
     Args:

@@ -17,6 +17,7 @@ from memcore.backends.torch._common import DTYPES, HALF, torch_dtype
 from memcore.errors import MemcoreError
 from memcore.ops import get_op
 from memcore.protocol import BackendBase, Capabilities
+from memcore.routing_types import Loss, RoutingResult
 
 __all__ = ["TorchBackend"]
 
@@ -52,7 +53,11 @@ class TorchBackend(BackendBase):
 
     # ------------------------------------------------------------------ devices, arrays
     def devices(self) -> tuple[str, ...]:
-        cuda = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count())) if torch.cuda.is_available() else ()
+        cuda = (
+            tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+            if torch.cuda.is_available()
+            else ()
+        )
         return ("cpu",) + cuda
 
     def _device(self, device: str | None) -> torch.device:
@@ -61,14 +66,18 @@ class TorchBackend(BackendBase):
         known = self.devices()
         name = "cuda:0" if device == "cuda" else device
         if name not in known:
-            raise MemcoreError(f"`device` must be one of {known} for torch. Received: device={device!r}")
+            raise MemcoreError(
+                f"`device` must be one of {known} for torch. Received: device={device!r}"
+            )
         return torch.device(name)
 
     def capabilities(self, device: str | None = None) -> Capabilities:
         self._device(device)
         return Capabilities(dtypes=tuple(DTYPES), autodiff="native", dlpack=True)
 
-    def from_numpy(self, x: np.ndarray, *, dtype: str | None = None, device: str | None = None) -> Any:
+    def from_numpy(
+        self, x: np.ndarray, *, dtype: str | None = None, device: str | None = None
+    ) -> Any:
         """A fresh tensor (never sharing memory with ``x``), cast to ``dtype`` on ``device``."""
         dev = self._device(device)
         arr = np.asarray(x)
@@ -107,8 +116,12 @@ class TorchBackend(BackendBase):
             "cudnn_allow_tf32": lambda: torch.backends.cudnn.allow_tf32,
             "cuda_matmul_fp32_precision": lambda: matmul.fp32_precision,
             "cudnn_conv_fp32_precision": lambda: torch.backends.cudnn.conv.fp32_precision,
-            "fp16_reduced_precision_reduction": lambda: matmul.allow_fp16_reduced_precision_reduction,
-            "bf16_reduced_precision_reduction": lambda: matmul.allow_bf16_reduced_precision_reduction,
+            "fp16_reduced_precision_reduction": lambda: (
+                matmul.allow_fp16_reduced_precision_reduction
+            ),
+            "bf16_reduced_precision_reduction": lambda: (
+                matmul.allow_bf16_reduced_precision_reduction
+            ),
         }
         for key, read in reads.items():
             try:
@@ -145,7 +158,8 @@ class TorchBackend(BackendBase):
         device = inputs[0].device if isinstance(inputs[0], torch.Tensor) else None
         # Fresh leaves: the caller's tensors are never touched, not even their .grad.
         leaves = tuple(
-            _as_tensor(x, device).detach().requires_grad_(d) for x, d in zip(inputs, spec.differentiable)
+            _as_tensor(x, device).detach().requires_grad_(d)
+            for x, d in zip(inputs, spec.differentiable)
         )
         at = {k: _as_tensor(v, device) for k, v in attributes.items()}
         with torch.enable_grad():
@@ -157,7 +171,10 @@ class TorchBackend(BackendBase):
         grads: tuple[Any, ...] = (None,) * len(wanted)
         if pairs and wanted:
             grads = torch.autograd.grad(
-                [o for o, _ in pairs], wanted, grad_outputs=[c.to(o.dtype) for o, c in pairs], allow_unused=True
+                [o for o, _ in pairs],
+                wanted,
+                grad_outputs=[c.to(o.dtype) for o, c in pairs],
+                allow_unused=True,
             )
         it = iter(grads)
         result = []
@@ -171,18 +188,82 @@ class TorchBackend(BackendBase):
         return (detached if spec.multi_output else detached[0]), tuple(result)
 
     # ------------------------------------------------------------------ routing
-    def bptt(self, step: str, params: Mapping[str, Any], xs: Any, state0: Any, targets: Any, **kw: Any):
+    def bptt(
+        self,
+        step: str,
+        params: Mapping[str, Any],
+        xs: Any,
+        state0: Any,
+        targets: Any,
+        *,
+        config: Any,
+        loss: Loss = Loss(),
+        resets: Any = None,
+        token_mask: Any = None,
+        truncate_every: int | None = None,
+    ) -> RoutingResult:
         """Full BPTT of ``step`` ("memformer" or "sab"); see :func:`routing.bptt`."""
-        return routing.bptt(step, params, xs, state0, targets, **kw)
+        return routing.bptt(
+            step,
+            params,
+            xs,
+            state0,
+            targets,
+            config=config,
+            loss=loss,
+            resets=resets,
+            token_mask=token_mask,
+            truncate_every=truncate_every,
+        )
 
-    def mrbp(self, params: Mapping[str, Any], xs: Any, M0: Any, targets: Any, **kw: Any):
-        """Memory Replay Back-Propagation; see :func:`routing.mrbp`."""
-        return routing.mrbp(params, xs, M0, targets, **kw)
+    def mrbp(
+        self,
+        params: Mapping[str, Any],
+        xs: Any,
+        M0: Any,
+        targets: Any,
+        *,
+        config: Any,
+        loss: Loss = Loss(),
+        resets: Any = None,
+        token_mask: Any = None,
+        truncate_every: int | None = None,
+    ) -> RoutingResult:
+        """MRBP with per-step autograd.backward; see :func:`routing.mrbp`."""
+        return routing.mrbp(
+            params,
+            xs,
+            M0,
+            targets,
+            config=config,
+            loss=loss,
+            resets=resets,
+            token_mask=token_mask,
+            truncate_every=truncate_every,
+        )
 
-    def sab_bptt(self, params: Mapping[str, Any], xs: Any, state0: Any, targets: Any, **kw: Any):
+    def sab_bptt(
+        self,
+        params: Mapping[str, Any],
+        xs: Any,
+        state0: Any,
+        targets: Any,
+        *,
+        config: Any,
+        loss: Loss = Loss(),
+    ) -> RoutingResult:
         """SAB with chunked truncation, whole graph kept; see :func:`routing.sab_bptt`."""
-        return routing.sab_bptt(params, xs, state0, targets, **kw)
+        return routing.sab_bptt(params, xs, state0, targets, config=config, loss=loss)
 
-    def sab_sparse_replay(self, params: Mapping[str, Any], xs: Any, state0: Any, targets: Any, **kw: Any):
-        """SAB sparse replay; see :func:`routing.sab_sparse_replay`."""
-        return routing.sab_sparse_replay(params, xs, state0, targets, **kw)
+    def sab_sparse_replay(
+        self,
+        params: Mapping[str, Any],
+        xs: Any,
+        state0: Any,
+        targets: Any,
+        *,
+        config: Any,
+        loss: Loss = Loss(),
+    ) -> RoutingResult:
+        """SAB sparse replay, chunks last to first; see :func:`routing.sab_sparse_replay`."""
+        return routing.sab_sparse_replay(params, xs, state0, targets, config=config, loss=loss)

@@ -30,7 +30,9 @@ def bmn(m, v_bias) -> torch.Tensor:
 
 
 @half_safe
-def memory_write(memory, x, wq, wk, wv, v_bias, *, num_heads: int, tau: float = 0.25, token_mask=None):
+def memory_write(
+    memory, x, wq, wk, wv, v_bias, *, num_heads: int, tau: float = 0.25, token_mask=None
+):
     """bmn(slot_attention(memory, x, wq, wk, wv), v_bias): (B, K, D)."""
     m = slot_attention(memory, x, wq, wk, wv, num_heads=num_heads, tau=tau, token_mask=token_mask)
     return bmn(m, v_bias)
@@ -38,7 +40,7 @@ def memory_write(memory, x, wq, wk, wv, v_bias, *, num_heads: int, tau: float = 
 
 @half_safe
 def memory_init(v_bias, *, batch_size: int) -> torch.Tensor:
-    """M_0 = normalize(v_bias) broadcast to (batch_size, K, D), a fresh tensor; differentiable in v_bias."""
+    """M_0 = normalize(v_bias) broadcast to (batch_size, K, D): a fresh tensor, differentiable."""
     y = F.normalize(v_bias, p=2.0, dim=-1, eps=NORM_EPS)
     # A copy, not an expanded view, so callers may write into it safely.
     return y.unsqueeze(0).expand(batch_size, *y.shape).clone()

@@ -23,7 +23,15 @@ from memcore.errors import MemcoreError
 from memcore.ops import get_op
 from memcore.routing_types import HEAD_PARAM, Loss
 
-__all__ = ["MemoryReader", "MemoryWriter", "MRBPResult", "SABCell", "SABState", "memformer_params", "train_mrbp"]
+__all__ = [
+    "MRBPResult",
+    "MemoryReader",
+    "MemoryWriter",
+    "SABCell",
+    "SABState",
+    "memformer_params",
+    "train_mrbp",
+]
 
 
 def _uniform(shape: tuple[int, ...], fan_in: int, dtype: Any, device: Any) -> nn.Parameter:
@@ -45,7 +53,9 @@ class MemoryReader(nn.Module):
         wq, wk, wv, wo: (D, D) projections, no biases.
     """
 
-    def __init__(self, dim: int, num_heads: int = 1, *, dtype: Any = None, device: Any = None) -> None:
+    def __init__(
+        self, dim: int, num_heads: int = 1, *, dtype: Any = None, device: Any = None
+    ) -> None:
         super().__init__()
         MemoryConfig(slots=1, dim=dim, heads=num_heads)  # validates dim and heads
         self.dim, self.num_heads = dim, num_heads
@@ -69,8 +79,16 @@ class MemoryWriter(nn.Module):
         wq, wk, wv: (D, D); v_bias: (K, D), also the initial memory's direction.
     """
 
-    def __init__(self, slots: int, dim: int, num_heads: int = 1, tau: float = 0.25, *,
-                 dtype: Any = None, device: Any = None) -> None:
+    def __init__(
+        self,
+        slots: int,
+        dim: int,
+        num_heads: int = 1,
+        tau: float = 0.25,
+        *,
+        dtype: Any = None,
+        device: Any = None,
+    ) -> None:
         super().__init__()
         self.config = MemoryConfig(slots=slots, dim=dim, heads=num_heads, tau=tau)
         for name in ("wq", "wk", "wv"):
@@ -81,7 +99,9 @@ class MemoryWriter(nn.Module):
     def tau(self) -> float:
         return self.config.tau
 
-    def forward(self, memory: torch.Tensor, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, memory: torch.Tensor, x: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """memory: (B, K, D), x: (B, L, D), token_mask: (B, L) bool or None -> M' (B, K, D)."""
         ins = (memory, x, self.wq, self.wk, self.wv, self.v_bias)
         at = {"num_heads": self.config.heads, "tau": self.config.tau, "token_mask": token_mask}
@@ -89,7 +109,7 @@ class MemoryWriter(nn.Module):
         return memory_write(*ins, **at)
 
     def init_memory(self, batch_size: int) -> torch.Tensor:
-        """M_0 = normalize(v_bias) for each of ``batch_size`` examples: (B, K, D), differentiable."""
+        """M_0 = normalize(v_bias) for ``batch_size`` examples: (B, K, D), differentiable."""
         _check("memory_init", (self.v_bias,), {"batch_size": batch_size})
         return memory_init(self.v_bias, batch_size=batch_size)
 
@@ -99,11 +119,14 @@ class MemoryWriter(nn.Module):
         return memory_reset(memory, self.v_bias, reset=flags)
 
 
-def memformer_params(reader: MemoryReader, writer: MemoryWriter, head: torch.Tensor | None = None) -> dict[str, Any]:
+def memformer_params(
+    reader: MemoryReader, writer: MemoryWriter, head: torch.Tensor | None = None
+) -> dict[str, Any]:
     """The modules' parameters under the routing names (MEMFORMER_PARAMS, + head_w)."""
     if reader.dim != writer.config.dim or reader.num_heads != writer.config.heads:
         raise MemcoreError(
-            f"`reader` must have the writer's dim and heads ({writer.config.dim}, {writer.config.heads}). "
+            f"`reader` must have the writer's dim and heads "
+            f"({writer.config.dim}, {writer.config.heads}). "
             f"Received: dim={reader.dim}, num_heads={reader.num_heads}"
         )
     out = {f"read_{n}": getattr(reader, n) for n in ("wq", "wk", "wv", "wo")}
@@ -121,10 +144,19 @@ class MRBPResult(NamedTuple):
     memory: torch.Tensor
 
 
-def train_mrbp(reader: MemoryReader, writer: MemoryWriter, xs: torch.Tensor, M0: torch.Tensor,
-               targets: torch.Tensor, *, loss: Loss = Loss(), resets: torch.Tensor | None = None,
-               token_mask: torch.Tensor | None = None, truncate_every: int | None = None,
-               head: torch.Tensor | None = None) -> MRBPResult:
+def train_mrbp(
+    reader: MemoryReader,
+    writer: MemoryWriter,
+    xs: torch.Tensor,
+    M0: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    loss: Loss = Loss(),
+    resets: torch.Tensor | None = None,
+    token_mask: torch.Tensor | None = None,
+    truncate_every: int | None = None,
+    head: torch.Tensor | None = None,
+) -> MRBPResult:
     """One MRBP rollout (Memformer Alg. 1) that leaves dL/dparam in the modules' ``.grad``.
 
     Gradients accumulate like ``loss.backward()``: zero them between optimizer steps.
@@ -143,10 +175,28 @@ def train_mrbp(reader: MemoryReader, writer: MemoryWriter, xs: torch.Tensor, M0:
     """
     P = memformer_params(reader, writer, head)
     cfg = writer.config
-    check_memformer(P, xs, M0, targets, config=cfg, loss=loss, resets=resets,
-                    token_mask=token_mask, truncate_every=truncate_every)
-    total, d0, M_T, _ = mrbp_accumulate(P, xs, M0, targets, config=cfg, loss=loss, resets=resets,
-                                        token_mask=token_mask, truncate_every=truncate_every)
+    check_memformer(
+        P,
+        xs,
+        M0,
+        targets,
+        config=cfg,
+        loss=loss,
+        resets=resets,
+        token_mask=token_mask,
+        truncate_every=truncate_every,
+    )
+    total, d0, M_T, _ = mrbp_accumulate(
+        P,
+        xs,
+        M0,
+        targets,
+        config=cfg,
+        loss=loss,
+        resets=resets,
+        token_mask=token_mask,
+        truncate_every=truncate_every,
+    )
     if M0.requires_grad:
         torch.autograd.backward([M0], [d0])
     return MRBPResult(total, M_T.detach())
@@ -174,14 +224,25 @@ class SABCell(nn.Module):
         lstm_w (I+Hd, 4Hd), lstm_b (4Hd,), w1, w2 (Hd, A), w3 (A,), v1, v2 (Hd, O), b_y (O,).
     """
 
-    def __init__(self, input_size: int, hidden_size: int, output_size: int, scorer_width: int,
-                 config: SABConfig = SABConfig(), *, truncate: bool = True, dtype: Any = None,
-                 device: Any = None) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        output_size: int,
+        scorer_width: int,
+        config: SABConfig = SABConfig(),
+        *,
+        truncate: bool = True,
+        dtype: Any = None,
+        device: Any = None,
+    ) -> None:
         super().__init__()
         if not isinstance(config, SABConfig):
-            raise MemcoreError(f"`config` must be a memcore.SABConfig. Received: {type(config).__name__}")
+            raise MemcoreError(
+                f"`config` must be a memcore.SABConfig. Received: {type(config).__name__}"
+            )
         self.config, self.truncate = config, truncate
-        I, Hd, O, A = input_size, hidden_size, output_size, scorer_width  # noqa: E741
+        I, Hd, O, A = input_size, hidden_size, output_size, scorer_width  # noqa: E741 - glossary names
         self.lstm_w = _uniform((I + Hd, 4 * Hd), I + Hd, dtype, device)
         self.lstm_b = nn.Parameter(torch.zeros(4 * Hd, dtype=dtype, device=device))
         self.w1 = _uniform((Hd, A), Hd, dtype, device)
@@ -193,14 +254,18 @@ class SABCell(nn.Module):
 
     def params(self) -> dict[str, nn.Parameter]:
         """The parameters under the routing names (SAB_PARAMS)."""
-        return {n: getattr(self, n) for n in ("lstm_w", "lstm_b", "w1", "w2", "w3", "v1", "v2", "b_y")}
+        return {
+            n: getattr(self, n) for n in ("lstm_w", "lstm_b", "w1", "w2", "w3", "v1", "v2", "b_y")
+        }
 
     def initial_state(self, h0: torch.Tensor, c0: torch.Tensor | None = None) -> SABState:
-        """State before step 1 from h0 (B, Hd) (and c0, default zeros); h0 is a memory if configured."""
+        """State before step 1 from h0 (B, Hd) and c0 (default zeros); h0 may be a memory."""
         c0 = torch.zeros_like(h0) if c0 is None else c0
         return SABState(h0, c0, (h0,) if self.config.include_h0_memory else (), 0)
 
-    def forward(self, x_t: torch.Tensor, state: SABState) -> tuple[torch.Tensor, SABState, torch.Tensor]:
+    def forward(
+        self, x_t: torch.Tensor, state: SABState
+    ) -> tuple[torch.Tensor, SABState, torch.Tensor]:
         """One step: x_t (B, I) -> (y_t (B, O), next state, weights (B, N))."""
         cfg = self.config
         t = state.t + 1
@@ -208,7 +273,8 @@ class SABCell(nn.Module):
         if self.truncate and t > 1 and (t - 1) % cfg.k_trunc == 0:
             h, c = h.detach(), c.detach()
         _check("lstm_cell", (x_t, h, c, self.lstm_w, self.lstm_b), {})
-        h, c, y, w = sab_step(self.params(), x_t, h, c, stack_memories(state.memories, h), config=cfg)
+        h, c, y, w = sab_step(
+            self.params(), x_t, h, c, stack_memories(state.memories, h), config=cfg
+        )
         memories = state.memories + (h,) if t % cfg.k_att == 0 else state.memories
         return y, SABState(h, c, memories, t), w
-

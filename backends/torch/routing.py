@@ -3,14 +3,7 @@
 Every driver follows the routing contract of ``docs/semantics.md`` and returns a
 :class:`memcore.routing_types.RoutingResult`. Gradients come from torch autograd.
 
-Memory accounting (``peak_cache_bytes``): bytes of the distinct tensor storages that
-autograd saves for backward (counted with ``torch.autograd.graph.saved_tensors_hooks``)
-plus the states a driver stores itself (MRBP's M_0..M_T; sparse replay's chunk-boundary
-(h, c) and memory vectors), at the worst moment. Storages the caller holds anyway
-(parameters, xs, targets, masks) are not counted; a storage is counted once however
-many views of it are saved. BPTT's worst moment is the end of the forward (the whole
-graph); MRBP's is the stored memories plus the largest single-step graph; sparse
-replay's is the stored states plus the largest single-chunk graph.
+Memory accounting (``peak_cache_bytes``) is described in :mod:`.accounting`.
 """
 
 from __future__ import annotations
@@ -20,52 +13,19 @@ from typing import Any
 
 import torch
 
-from memcore.backends.torch.steps import loss_weight, memformer_step, sab_step, stack_memories, step_loss
+from memcore.backends.torch.accounting import SavedBytes, held_tensors, nbytes_of
+from memcore.backends.torch.steps import (
+    loss_weight,
+    memformer_step,
+    sab_step,
+    stack_memories,
+    step_loss,
+)
 from memcore.backends.torch.validate import check_memformer, check_sab
 from memcore.errors import MemcoreError
 from memcore.routing_types import Loss, RoutingResult
 
-__all__ = ["SavedBytes", "bptt", "mrbp", "mrbp_accumulate", "sab_bptt", "sab_sparse_replay"]
-
-
-class SavedBytes:
-    """Counts the distinct storages autograd saves for backward inside a ``with`` block.
-
-    Args:
-        exclude: tensors whose storages are not counted (held by the caller anyway).
-    """
-
-    def __init__(self, exclude: Sequence[Any] = ()) -> None:
-        self._skip = {_key(t) for t in exclude if isinstance(t, torch.Tensor)}
-        self._seen: dict[int, int] = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        key = _key(t)
-        if key not in self._skip and key not in self._seen:
-            self._seen[key] = t.untyped_storage().nbytes()
-        return t
-
-    @property
-    def total(self) -> int:
-        return sum(self._seen.values())
-
-    def __enter__(self) -> SavedBytes:
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._hooks.__exit__(*exc)
-
-
-def _key(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
-def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
-    """Bytes of the distinct storages of ``tensors``."""
-    seen = {_key(t): t.untyped_storage().nbytes() for t in tensors}
-    return sum(seen.values())
+__all__ = ["bptt", "mrbp", "mrbp_accumulate", "sab_bptt", "sab_sparse_replay"]
 
 
 def _leaves(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -74,15 +34,14 @@ def _leaves(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _grads(leaves: Mapping[str, torch.Tensor], grads: Sequence[Any]) -> dict[str, torch.Tensor]:
-    return {k: torch.zeros_like(v) if g is None else g.detach() for (k, v), g in zip(leaves.items(), grads)}
+    return {
+        k: torch.zeros_like(v) if g is None else g.detach()
+        for (k, v), g in zip(leaves.items(), grads)
+    }
 
 
 def _zero_if_none(g: Any, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if g is None else g.detach()
-
-
-def _held(params: Mapping[str, Any], *others: Any) -> list[Any]:
-    return list(params.values()) + [o for o in others if isinstance(o, torch.Tensor)]
 
 
 # ---------------------------------------------------------------------- Memformer
@@ -93,7 +52,10 @@ def _memformer_loss(P, xs, M, targets, config, loss, resets, token_mask, truncat
         if truncate_every is not None and t > 0 and t % truncate_every == 0:
             M = M.detach()  # stop-gradient on M_t, before its reset (the contract's cut)
         M, y = memformer_step(
-            P, xs[t], M, config=config,
+            P,
+            xs[t],
+            M,
+            config=config,
             reset=None if resets is None else resets[t],
             token_mask=None if token_mask is None else token_mask[t],
         )
@@ -102,20 +64,39 @@ def _memformer_loss(P, xs, M, targets, config, loss, resets, token_mask, truncat
 
 
 def _bptt_memformer(params, xs, M0, targets, *, config, loss, resets, token_mask, truncate_every):
-    check_memformer(params, xs, M0, targets, config=config, loss=loss, resets=resets,
-                    token_mask=token_mask, truncate_every=truncate_every)
+    check_memformer(
+        params,
+        xs,
+        M0,
+        targets,
+        config=config,
+        loss=loss,
+        resets=resets,
+        token_mask=token_mask,
+        truncate_every=truncate_every,
+    )
     P = _leaves(params)
     M0_leaf = M0.detach().requires_grad_(True)
-    with torch.enable_grad(), SavedBytes(_held(params, xs, targets, resets, token_mask)) as saved:
-        total, M_T = _memformer_loss(P, xs, M0_leaf, targets, config, loss, resets, token_mask, truncate_every)
+    with (
+        torch.enable_grad(),
+        SavedBytes(held_tensors(params, xs, targets, resets, token_mask)) as saved,
+    ):
+        total, M_T = _memformer_loss(
+            P, xs, M0_leaf, targets, config, loss, resets, token_mask, truncate_every
+        )
         grads = torch.autograd.grad(total, list(P.values()) + [M0_leaf], allow_unused=True)
     return RoutingResult(
-        loss=float(total.detach()), grads=_grads(P, grads[:-1]), d_state0=_zero_if_none(grads[-1], M0),
-        final_state=M_T.detach(), peak_cache_bytes=saved.total,
+        loss=float(total.detach()),
+        grads=_grads(P, grads[:-1]),
+        d_state0=_zero_if_none(grads[-1], M0),
+        final_state=M_T.detach(),
+        peak_cache_bytes=saved.total,
     )
 
 
-def mrbp_accumulate(P, xs, M0, targets, *, config, loss=Loss(), resets=None, token_mask=None, truncate_every=None):
+def mrbp_accumulate(
+    P, xs, M0, targets, *, config, loss=Loss(), resets=None, token_mask=None, truncate_every=None
+):
     """Memformer Alg. 1 on leaves ``P`` that require grad: their ``.grad`` accumulates dL/dP.
 
     A no-grad forward keeps only M_0..M_T; then for t = T-1..0 step t is recomputed from
@@ -129,7 +110,10 @@ def mrbp_accumulate(P, xs, M0, targets, *, config, loss=Loss(), resets=None, tok
 
     def run(t: int, M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         M_next, y = memformer_step(
-            P, xs[t], M, config=config,
+            P,
+            xs[t],
+            M,
+            config=config,
             reset=None if resets is None else resets[t],
             token_mask=None if token_mask is None else token_mask[t],
         )
@@ -142,8 +126,8 @@ def mrbp_accumulate(P, xs, M0, targets, *, config, loss=Loss(), resets=None, tok
             M_next, l_t = run(t, memories[-1])
             memories.append(M_next)
             total += l_t
-    stored = _nbytes(memories)
-    held = _held(P, xs, targets, resets, token_mask) + memories
+    stored = nbytes_of(memories)
+    held = held_tensors(P, xs, targets, resets, token_mask) + memories
     d_memory: torch.Tensor | None = None
     step_peak = 0
     for t in reversed(range(T)):
@@ -164,21 +148,50 @@ def mrbp_accumulate(P, xs, M0, targets, *, config, loss=Loss(), resets=None, tok
 
 
 def _mrbp(params, xs, M0, targets, *, config, loss, resets, token_mask, truncate_every):
-    check_memformer(params, xs, M0, targets, config=config, loss=loss, resets=resets,
-                    token_mask=token_mask, truncate_every=truncate_every)
+    check_memformer(
+        params,
+        xs,
+        M0,
+        targets,
+        config=config,
+        loss=loss,
+        resets=resets,
+        token_mask=token_mask,
+        truncate_every=truncate_every,
+    )
     P = _leaves(params)
     total, d0, M_T, peak = mrbp_accumulate(
-        P, xs, M0, targets, config=config, loss=loss, resets=resets, token_mask=token_mask,
+        P,
+        xs,
+        M0,
+        targets,
+        config=config,
+        loss=loss,
+        resets=resets,
+        token_mask=token_mask,
         truncate_every=truncate_every,
     )
     return RoutingResult(
-        loss=total, grads={k: _zero_if_none(v.grad, v) for k, v in P.items()}, d_state0=d0,
-        final_state=M_T, peak_cache_bytes=peak,
+        loss=total,
+        grads={k: _zero_if_none(v.grad, v) for k, v in P.items()},
+        d_state0=d0,
+        final_state=M_T,
+        peak_cache_bytes=peak,
     )
 
 
-def mrbp(params, xs, M0, targets, *, config, loss=Loss(), resets=None, token_mask=None,
-         truncate_every=None) -> RoutingResult:
+def mrbp(
+    params,
+    xs,
+    M0,
+    targets,
+    *,
+    config,
+    loss=Loss(),
+    resets=None,
+    token_mask=None,
+    truncate_every=None,
+) -> RoutingResult:
     """Memory Replay Back-Propagation (Memformer Alg. 1) with per-step autograd.backward.
 
     Args:
@@ -191,8 +204,17 @@ def mrbp(params, xs, M0, targets, *, config, loss=Loss(), resets=None, token_mas
     Returns:
         RoutingResult with d_state0 = dM_0 and final_state = M_T, equal to BPTT's.
     """
-    return _mrbp(params, xs, M0, targets, config=config, loss=loss, resets=resets,
-                 token_mask=token_mask, truncate_every=truncate_every)
+    return _mrbp(
+        params,
+        xs,
+        M0,
+        targets,
+        config=config,
+        loss=loss,
+        resets=resets,
+        token_mask=token_mask,
+        truncate_every=truncate_every,
+    )
 
 
 # ---------------------------------------------------------------------- SAB
@@ -204,7 +226,9 @@ def _sab_graph(P, xs, h, c, targets, config, loss, truncate):
         if truncate and t > 1 and (t - 1) % config.k_trunc == 0:
             h, c = h.detach(), c.detach()
         h, c, y, _ = sab_step(P, xs[t - 1], h, c, stack_memories(memories, h), config=config)
-        total = total + loss_weight(loss.weights, t - 1) * step_loss(y, targets[t - 1], loss.kind, P)
+        total = total + loss_weight(loss.weights, t - 1) * step_loss(
+            y, targets[t - 1], loss.kind, P
+        )
         if t % config.k_att == 0:
             memories.append(h)
     return total, h, c
@@ -214,18 +238,31 @@ def _sab_whole(params, xs, state0, targets, *, config, loss, truncate: bool) -> 
     check_sab(params, xs, state0, targets, config=config, loss=loss)
     P = _leaves(params)
     h0, c0 = (s.detach().requires_grad_(True) for s in state0)
-    with torch.enable_grad(), SavedBytes(_held(params, xs, targets)) as saved:
+    with torch.enable_grad(), SavedBytes(held_tensors(params, xs, targets)) as saved:
         total, h, c = _sab_graph(P, xs, h0, c0, targets, config, loss, truncate)
         grads = torch.autograd.grad(total, list(P.values()) + [h0, c0], allow_unused=True)
     return RoutingResult(
-        loss=float(total.detach()), grads=_grads(P, grads[:-2]),
+        loss=float(total.detach()),
+        grads=_grads(P, grads[:-2]),
         d_state0=(_zero_if_none(grads[-2], h0), _zero_if_none(grads[-1], c0)),
-        final_state=(h.detach(), c.detach()), peak_cache_bytes=saved.total,
+        final_state=(h.detach(), c.detach()),
+        peak_cache_bytes=saved.total,
     )
 
 
-def bptt(step: str, params, xs, state0, targets, *, config, loss=Loss(), resets=None, token_mask=None,
-         truncate_every=None) -> RoutingResult:
+def bptt(
+    step: str,
+    params,
+    xs,
+    state0,
+    targets,
+    *,
+    config,
+    loss=Loss(),
+    resets=None,
+    token_mask=None,
+    truncate_every=None,
+) -> RoutingResult:
     """Full BPTT: every step kept, one reverse sweep: the exact gradient of the forward graph.
 
     Args:
@@ -234,12 +271,28 @@ def bptt(step: str, params, xs, state0, targets, *, config, loss=Loss(), resets=
         resets, token_mask, truncate_every: memformer only (see :func:`mrbp`).
     """
     if step == "memformer":
-        return _bptt_memformer(params, xs, state0, targets, config=config, loss=loss, resets=resets,
-                               token_mask=token_mask, truncate_every=truncate_every)
+        return _bptt_memformer(
+            params,
+            xs,
+            state0,
+            targets,
+            config=config,
+            loss=loss,
+            resets=resets,
+            token_mask=token_mask,
+            truncate_every=truncate_every,
+        )
     if step == "sab":
-        for name, value in (("resets", resets), ("token_mask", token_mask), ("truncate_every", truncate_every)):
+        for name, value in (
+            ("resets", resets),
+            ("token_mask", token_mask),
+            ("truncate_every", truncate_every),
+        ):
             if value is not None:
-                raise MemcoreError(f"`{name}` must be None for step 'sab'. Received: {name} of type {type(value).__name__}")
+                raise MemcoreError(
+                    f"`{name}` must be None for step 'sab'. "
+                    f"Received: {name} of type {type(value).__name__}"
+                )
         return _sab_whole(params, xs, state0, targets, config=config, loss=loss, truncate=False)
     raise MemcoreError(f"`step` must be one of 'memformer', 'sab'. Received: step={step!r}")
 
@@ -288,8 +341,8 @@ def sab_sparse_replay(params, xs, state0, targets, *, config, loss=Loss()) -> Ro
                 writer.append((t - 1) // cfg.k_trunc)
     final = (h, c)
     stored_tensors = [s for pair in boundary for s in pair] + memories
-    stored = _nbytes(stored_tensors)
-    held = _held(P, xs, targets) + stored_tensors
+    stored = nbytes_of(stored_tensors)
+    held = held_tensors(P, xs, targets) + stored_tensors
     d_mem: list[torch.Tensor | None] = [None] * len(memories)
     d_h0 = d_c0 = None
     replayed: list[int] = []
@@ -312,7 +365,9 @@ def sab_sparse_replay(params, xs, state0, targets, *, config, loss=Loss()) -> Ro
             outs, cts = [], []
             for t in range(first, last + 1):
                 h, c, y, _ = sab_step(P, xs[t - 1], h, c, stack_memories(live, h), config=cfg)
-                l_chunk = l_chunk + loss_weight(loss.weights, t - 1) * step_loss(y, targets[t - 1], loss.kind, P)
+                l_chunk = l_chunk + loss_weight(loss.weights, t - 1) * step_loss(
+                    y, targets[t - 1], loss.kind, P
+                )
                 if t % cfg.k_att == 0:
                     j = len(live)
                     live.append(h)
@@ -330,7 +385,10 @@ def sab_sparse_replay(params, xs, state0, targets, *, config, loss=Loss()) -> Ro
     if cfg.include_h0_memory and d_mem[0] is not None:
         d_h0 = d_h0 + d_mem[0]  # h0 read as a memory: its reads' gradient joins dh0
     return RoutingResult(
-        loss=float(total), grads={k: _zero_if_none(v.grad, v) for k, v in P.items()},
-        d_state0=(d_h0, _zero_if_none(d_c0, state0[1])), final_state=final,
-        peak_cache_bytes=stored + chunk_peak, replayed_chunks=tuple(replayed),
+        loss=float(total),
+        grads={k: _zero_if_none(v.grad, v) for k, v in P.items()},
+        d_state0=(d_h0, _zero_if_none(d_c0, state0[1])),
+        final_state=final,
+        peak_cache_bytes=stored + chunk_peak,
+        replayed_chunks=tuple(replayed),
     )

@@ -25,7 +25,9 @@ def kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @half_safe
-def sparsify(scores, *, k_top: int, eps: float = 1e-7, threshold_grad: bool = False) -> torch.Tensor:
+def sparsify(
+    scores, *, k_top: int, eps: float = 1e-7, threshold_grad: bool = False
+) -> torch.Tensor:
     """Top-k sparsifier (SAB Alg. 1 line 6), per row.
 
     tau_row = the min(k_top + 1, N)-th largest score (by value, so ties change nothing);
@@ -60,8 +62,16 @@ def sparsify(scores, *, k_top: int, eps: float = 1e-7, threshold_grad: bool = Fa
 
 @half_safe
 def sparse_retrieve(
-    h_hat, memories, w1, w2, w3, *, k_top: int, eps: float = 1e-7,
-    threshold_grad: bool = False, block_score_grad: bool = False,
+    h_hat,
+    memories,
+    w1,
+    w2,
+    w3,
+    *,
+    k_top: int,
+    eps: float = 1e-7,
+    threshold_grad: bool = False,
+    block_score_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """s = sum_i w_i m_i with w = sparsify(sab_scores(h_hat, memories)).
 

@@ -9,7 +9,6 @@ backward. Parameter names are :data:`memcore.routing_types.MEMFORMER_PARAMS` and
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,11 +47,20 @@ def memformer_step(
     p = params
     if reset is not None:
         memory = memory_reset(memory, p["v_bias"], reset=reset)
-    r = memory_read(x_t, memory, p["read_wq"], p["read_wk"], p["read_wv"], p["read_wo"], num_heads=config.heads)
+    r = memory_read(
+        x_t, memory, p["read_wq"], p["read_wk"], p["read_wv"], p["read_wo"], num_heads=config.heads
+    )
     h = x_t + r
     new_memory = memory_write(
-        memory, h, p["write_wq"], p["write_wk"], p["write_wv"], p["v_bias"],
-        num_heads=config.heads, tau=config.tau, token_mask=token_mask,
+        memory,
+        h,
+        p["write_wq"],
+        p["write_wk"],
+        p["write_wv"],
+        p["v_bias"],
+        num_heads=config.heads,
+        tau=config.tau,
+        token_mask=token_mask,
     )
     return new_memory, h
 
@@ -87,8 +95,15 @@ def sab_step(
     p = params
     h_hat, c = lstm_cell(x_t, h, c, p["lstm_w"], p["lstm_b"])
     s, w = sparse_retrieve(
-        h_hat, memories, p["w1"], p["w2"], p["w3"], k_top=config.k_top, eps=config.eps,
-        threshold_grad=config.threshold_grad, block_score_grad=config.block_score_grad,
+        h_hat,
+        memories,
+        p["w1"],
+        p["w2"],
+        p["w3"],
+        k_top=config.k_top,
+        eps=config.eps,
+        threshold_grad=config.threshold_grad,
+        block_score_grad=config.block_score_grad,
     )
     h = h_hat + s
     y = h @ p["v1"] + s @ p["v2"] + p["b_y"]
@@ -113,4 +128,3 @@ def step_loss(
 def loss_weight(weights: Sequence[float] | None, t: int) -> float:
     """weight_t (1.0 when no weights are given)."""
     return 1.0 if weights is None else float(weights[t])
-

@@ -1,0 +1,378 @@
+"""The torch routing drivers: MRBP == BPTT, sparse replay == masked-graph BPTT, both equal to
+the reference's drivers; chunk skipping, chained rollouts, memory accounting and bad input."""
+
+from __future__ import annotations
+
+import attrs
+import numpy as np
+import pytest
+
+torch = pytest.importorskip(
+    "torch", reason="the torch backend needs torch (pip install 'memcore[torch]')"
+)
+
+from hypothesis import given
+
+from memcore.backends.torch import TorchBackend
+from memcore.backends.torch.steps import stack_memories, step_loss
+from memcore.conformance.strategies import memformer_cases, sab_cases
+from memcore.reference import routing as ref
+from memcore import MemcoreError, MemoryConfig, SABConfig
+from memcore.routing_types import Loss
+
+BE = TorchBackend()
+OWN = (1e-10, 1e-12)  # (rtol, atol): two torch drivers on the same graph
+REF = (1e-9, 1e-12)  # torch against the reference's hand-written drivers (float64)
+
+
+def _t(x, dtype="float64"):
+    if x is None:
+        return None
+    if isinstance(x, tuple):
+        return tuple(_t(v, dtype) for v in x)
+    return BE.from_numpy(x, dtype=dtype if x.dtype.kind == "f" else None)
+
+
+def _np(x):
+    if isinstance(x, (tuple, list)):
+        return tuple(_np(v) for v in x)
+    return (
+        BE.to_numpy(x).astype(np.float64)
+        if isinstance(x, torch.Tensor)
+        else np.asarray(x, np.float64)
+    )
+
+
+def _close(got, want, tol, what):
+    got, want = np.asarray(_np(got)), np.asarray(want, np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    if want.size:
+        err = float(np.abs(got - want).max())
+        bound = tol[1] + tol[0] * float(np.abs(want).max())
+        assert err <= bound, f"{what}: max abs error {err:.3e} > {bound:.3e}"
+
+
+def _same(got, want, tol, label=""):
+    _close(got.loss, want.loss, tol, f"{label} loss")
+    assert set(got.grads) == set(want.grads)
+    for k in want.grads:
+        _close(got.grads[k], _np(want.grads[k]), tol, f"{label} grads[{k}]")
+    for field in ("d_state0", "final_state"):
+        g, w = getattr(got, field), getattr(want, field)
+        pairs = zip(g, w) if isinstance(w, tuple) else [(g, w)]
+        for i, (a, b) in enumerate(pairs):
+            _close(a, _np(b), tol, f"{label} {field}[{i}]")
+
+
+def _memformer_args(case, dtype="float64"):
+    kw = dict(
+        config=case.config,
+        loss=case.loss,
+        resets=_t(case.resets),
+        token_mask=_t(case.token_mask),
+        truncate_every=case.truncate_every,
+    )
+    params = {k: _t(v, dtype) for k, v in case.params.items()}
+    return (params, _t(case.xs, dtype), _t(case.state0, dtype), _t(case.targets, dtype)), kw
+
+
+def _ref_memformer(case):
+    return ref.bptt(
+        "memformer",
+        case.params,
+        case.xs,
+        case.state0,
+        case.targets,
+        config=case.config,
+        loss=case.loss,
+        resets=case.resets,
+        token_mask=case.token_mask,
+        truncate_every=case.truncate_every,
+    )
+
+
+@given(case=memformer_cases(max_steps=5))
+def test_mrbp_equals_bptt_and_reference(case):
+    """Torch MRBP equals torch BPTT (rel 1e-10) and the reference's BPTT (rel 1e-9), float64."""
+    args, kw = _memformer_args(case)
+    mrbp = BE.mrbp(*args, **kw)
+    _same(mrbp, BE.bptt("memformer", *args, **kw), OWN, case.label)
+    _same(mrbp, _ref_memformer(case), REF, case.label)
+
+
+@given(case=memformer_cases(max_steps=3))
+def test_mrbp_float32_matches_reference(case):
+    """In float32 MRBP and BPTT agree closely and match the float64 reference loosely."""
+    args, kw = _memformer_args(case, "float32")
+    mrbp = BE.mrbp(*args, **kw)
+    assert mrbp.grads["read_wq"].dtype == torch.float32
+    _same(mrbp, BE.bptt("memformer", *args, **kw), (1e-5, 1e-6), case.label)
+    rounded = attrs.evolve(
+        case,
+        params={k: _np(v) for k, v in args[0].items()},
+        xs=_np(args[1]),
+        state0=_np(args[2]),
+        targets=_np(args[3]) if case.loss.kind == "mse" else case.targets,
+    )
+    _same(mrbp, _ref_memformer(rounded), (2e-4, 1e-5), case.label)
+
+
+def _sab_args(case, dtype="float64"):
+    params = {k: _t(v, dtype) for k, v in case.params.items()}
+    return (params, _t(case.xs, dtype), _t(case.state0, dtype), _t(case.targets, dtype))
+
+
+@given(case=sab_cases(max_steps=8))
+def test_sparse_replay_equals_sab_bptt_and_reference(case):
+    """Sparse replay equals torch sab_bptt and the reference's replay, replaying the same chunks."""
+    args = _sab_args(case)
+    kw = dict(config=case.config, loss=case.loss)
+    replay = BE.sab_sparse_replay(*args, **kw)
+    _same(replay, BE.sab_bptt(*args, **kw), OWN, case.label)
+    want = ref.sab_sparse_replay(case.params, case.xs, case.state0, case.targets, **kw)
+    _same(replay, want, REF, case.label)
+    assert sorted(replay.replayed_chunks) == sorted(want.replayed_chunks)
+    assert list(replay.replayed_chunks) == sorted(replay.replayed_chunks, reverse=True)
+    full = BE.bptt("sab", *args, **kw)
+    _same(
+        full,
+        ref.bptt("sab", case.params, case.xs, case.state0, case.targets, **kw),
+        REF,
+        case.label,
+    )
+
+
+def _plain_sab_loss(p, xs, h, c, targets, cfg, loss):
+    """SAB's forward written naively: topk's value carries the threshold gradient."""
+    memories = [h] if cfg.include_h0_memory else []
+    total = 0.0
+    for t in range(1, xs.shape[0] + 1):
+        z = torch.cat([xs[t - 1], h], -1) @ p["lstm_w"] + p["lstm_b"]
+        i, f, g, o = z.chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_hat = torch.sigmoid(o) * torch.tanh(c)
+        mem = stack_memories(memories, h_hat)
+        s = torch.zeros_like(h_hat)
+        if mem.shape[1]:
+            a = torch.tanh(mem @ p["w1"] + (h_hat @ p["w2"])[:, None]) @ p["w3"]
+            thr = torch.topk(a, min(cfg.k_top + 1, a.shape[1]), dim=-1).values[:, -1:]
+            zz = torch.relu(a - thr)
+            w = zz / (zz.sum(-1, keepdim=True) + cfg.eps)
+            s = torch.einsum("bn,bnh->bh", w, mem)
+        h = h_hat + s
+        y = h @ p["v1"] + s @ p["v2"] + p["b_y"]
+        weight = 1.0 if loss.weights is None else loss.weights[t - 1]
+        total = total + weight * step_loss(y, targets[t - 1], loss.kind, p)
+        if t % cfg.k_att == 0:
+            memories.append(h)
+    return total
+
+
+@given(case=sab_cases(max_steps=6))
+def test_untruncated_replay_is_plain_autograd(case):
+    """With k_trunc >= T and threshold_grad, sparse replay is plain autograd of a naive forward."""
+    T = case.xs.shape[0]
+    cfg = attrs.evolve(case.config, k_trunc=T, threshold_grad=True, block_score_grad=False)
+    params, xs, state0, targets = _sab_args(case)
+    replay = BE.sab_sparse_replay(params, xs, state0, targets, config=cfg, loss=case.loss)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    h0, c0 = (s.clone().requires_grad_(True) for s in state0)
+    total = _plain_sab_loss(leaves, xs, h0, c0, targets, cfg, case.loss)
+    grads = torch.autograd.grad(total, list(leaves.values()) + [h0, c0], allow_unused=True)
+    for k, g in zip(leaves, grads):
+        _close(
+            replay.grads[k],
+            _np(torch.zeros_like(leaves[k]) if g is None else g),
+            OWN,
+            f"grads[{k}]",
+        )
+    _close(replay.d_state0[0], _np(grads[-2]), OWN, "dh0")
+    assert replay.replayed_chunks in ((), (0,))
+
+
+def test_skipped_chunks_receive_no_gradient():
+    """Chunks the replay skips get exactly zero gradient in the whole masked graph; others don't."""
+    rng = np.random.default_rng(4)
+    T, B, I, Hd, A, O = 12, 2, 2, 3, 2, 2  # noqa: E741 - glossary names
+    cfg = SABConfig(k_top=1, k_att=2, k_trunc=3)
+    params = {
+        k: torch.tensor(rng.uniform(-1, 1, s))
+        for k, s in {
+            "lstm_w": (I + Hd, 4 * Hd),
+            "lstm_b": (4 * Hd,),
+            "w1": (Hd, A),
+            "w2": (Hd, A),
+            "w3": (A,),
+            "v1": (Hd, O),
+            "v2": (Hd, O),
+            "b_y": (O,),
+        }.items()
+    }
+    xs, targets = (
+        torch.tensor(rng.uniform(-1, 1, (T, B, I))),
+        torch.tensor(rng.uniform(-1, 1, (T, B, O))),
+    )
+    state0 = (torch.tensor(rng.uniform(-1, 1, (B, Hd))), torch.zeros(B, Hd, dtype=torch.float64))
+    loss = Loss("mse", (0.0,) * (T - 1) + (1.0,))  # only the last step counts
+    replay = BE.sab_sparse_replay(params, xs, state0, targets, config=cfg, loss=loss)
+    # Per-chunk gradient in the masked graph: retain the grad of every step's h and c.
+    from memcore.backends.torch.steps import sab_step
+
+    p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    h, c = state0
+    memories, per_step = [], []
+    total = 0.0
+    for t in range(1, T + 1):
+        if t > 1 and (t - 1) % cfg.k_trunc == 0:
+            h, c = h.detach(), c.detach()
+        h, c, y, _ = sab_step(p, xs[t - 1], h, c, stack_memories(memories, h), config=cfg)
+        h.retain_grad(), c.retain_grad()
+        per_step.append((h, c))
+        total = total + loss.weights[t - 1] * step_loss(y, targets[t - 1], "mse", p)
+        if t % cfg.k_att == 0:
+            memories.append(h)
+    total.backward()
+    chunks = T // cfg.k_trunc
+    got_grad = [
+        any(
+            bool((s.grad != 0).any())
+            for pair in per_step[m * 3 : (m + 1) * 3]
+            for s in pair
+            if s.grad is not None
+        )
+        for m in range(chunks)
+    ]
+    assert set(replay.replayed_chunks) == {m for m in range(chunks) if got_grad[m]}
+    assert len(replay.replayed_chunks) < chunks, "this case must skip at least one chunk"
+    _same(replay, BE.sab_bptt(params, xs, state0, targets, config=cfg, loss=loss), OWN)
+
+
+def test_chained_rollouts_match_truncated_bptt():
+    """Two chained MRBP rollouts sum to one long BPTT truncated at the rollout boundary."""
+    rng = np.random.default_rng(2)
+    k, B, L, K, D = 3, 2, 3, 2, 4
+    cfg = MemoryConfig(slots=K, dim=D, heads=2, tau=0.5)
+    names = ("read_wq", "read_wk", "read_wv", "read_wo", "write_wq", "write_wk", "write_wv")
+    params = {n: torch.tensor(rng.uniform(-0.8, 0.8, (D, D))) for n in names}
+    params["v_bias"] = torch.tensor(rng.uniform(-1, 1, (K, D)))
+    xs, targets = (
+        torch.tensor(rng.uniform(-1, 1, (2 * k, B, L, D))),
+        torch.tensor(rng.uniform(-1, 1, (2 * k, B, L, D))),
+    )
+    M0 = torch.nn.functional.normalize(torch.tensor(rng.uniform(-1, 1, (B, K, D))), dim=-1)
+    first = BE.mrbp(params, xs[:k], M0, targets[:k], config=cfg)
+    second = BE.mrbp(params, xs[k:], first.final_state, targets[k:], config=cfg)
+    long = BE.bptt("memformer", params, xs, M0, targets, config=cfg, truncate_every=k)
+    _close(first.loss + second.loss, long.loss, OWN, "loss")
+    for n in params:
+        _close(first.grads[n] + second.grads[n], _np(long.grads[n]), OWN, n)
+    _close(second.final_state, _np(long.final_state), OWN, "M_T")
+    _close(first.d_state0, _np(long.d_state0), OWN, "dM_0")
+
+
+def _memformer_inputs(T, B=2, L=3, K=4, D=4, seed=0):
+    rng = np.random.default_rng(seed)
+    names = ("read_wq", "read_wk", "read_wv", "read_wo", "write_wq", "write_wk", "write_wv")
+    params = {n: torch.tensor(rng.uniform(-0.8, 0.8, (D, D))) for n in names}
+    params["v_bias"] = torch.tensor(rng.uniform(-1, 1, (K, D)))
+    xs, targets = (
+        torch.tensor(rng.uniform(-1, 1, (T, B, L, D))),
+        torch.tensor(rng.uniform(-1, 1, (T, B, L, D))),
+    )
+    M0 = torch.nn.functional.normalize(torch.tensor(rng.uniform(-1, 1, (B, K, D))), dim=-1)
+    return params, xs, M0, targets, MemoryConfig(slots=K, dim=D, heads=2)
+
+
+def test_peak_cache_bytes_growth():
+    """Doubling T doubles BPTT's saved bytes but adds only T*B*K*D*itemsize to MRBP's."""
+    T, B, K, D = 4, 2, 4, 4
+    small, large = _memformer_inputs(T), _memformer_inputs(2 * T)
+    bptt = [BE.bptt("memformer", *a[:4], config=a[4]).peak_cache_bytes for a in (small, large)]
+    mrbp = [BE.mrbp(*a[:4], config=a[4]).peak_cache_bytes for a in (small, large)]
+    assert abs(bptt[1] / bptt[0] - 2.0) < 0.05, bptt
+    assert mrbp[1] - mrbp[0] == T * B * K * D * 8, mrbp
+    assert mrbp[1] < bptt[1] / 2
+
+
+def test_sparse_replay_holds_less_than_sab_bptt():
+    """Sparse replay's peak is the stored states plus one chunk, well under the whole graph's."""
+    rng = np.random.default_rng(1)
+    T, B, I, Hd, A, O = 40, 2, 3, 8, 4, 2  # noqa: E741 - glossary names
+    shapes = {
+        "lstm_w": (I + Hd, 4 * Hd),
+        "lstm_b": (4 * Hd,),
+        "w1": (Hd, A),
+        "w2": (Hd, A),
+        "w3": (A,),
+        "v1": (Hd, O),
+        "v2": (Hd, O),
+        "b_y": (O,),
+    }
+    params = {k: torch.tensor(rng.uniform(-1, 1, s)) for k, s in shapes.items()}
+    xs, targets = (
+        torch.tensor(rng.uniform(-1, 1, (T, B, I))),
+        torch.tensor(rng.uniform(-1, 1, (T, B, O))),
+    )
+    state0 = (torch.zeros(B, Hd, dtype=torch.float64), torch.zeros(B, Hd, dtype=torch.float64))
+    cfg = SABConfig(k_top=2, k_att=4, k_trunc=5)
+    replay = BE.sab_sparse_replay(params, xs, state0, targets, config=cfg)
+    whole = BE.sab_bptt(params, xs, state0, targets, config=cfg)
+    stored = (T // cfg.k_trunc * 2 + T // cfg.k_att) * B * Hd * 8
+    assert stored < replay.peak_cache_bytes < whole.peak_cache_bytes / 3
+
+
+def test_routing_errors():
+    """Bad routing input raises MemcoreError naming the argument."""
+    params, xs, M0, targets, cfg = _memformer_inputs(3)
+    bad = [
+        (dict(xs=xs[:0], targets=targets[:0]), r"`xs` must have T >= 1"),
+        (dict(targets=targets[:2]), r"`targets` must have shape"),
+        (dict(M0=M0[:, :, :3]), r"`M0` must have shape"),
+        (dict(resets=torch.zeros(2, 2, dtype=torch.bool)), r"`resets` must have shape"),
+        (dict(resets=torch.zeros(3, 2)), r"`resets` must have dtype bool"),
+        (dict(token_mask=torch.ones(3, 2, 2, dtype=torch.bool)), r"`token_mask` must have shape"),
+        (dict(loss=Loss(weights=(1.0, 2.0))), r"`loss.weights` must have length T = 3"),
+        (dict(truncate_every=0), r"`truncate_every` must be None or an integer >= 1"),
+        (
+            dict(params={k: v for k, v in params.items() if k != "v_bias"}),
+            r"`params` must have exactly the keys",
+        ),
+        (dict(loss=Loss("xent")), r"`params` must have exactly the keys"),
+        (dict(config=SABConfig()), r"`config` must be a memcore.MemoryConfig"),
+    ]
+    base = dict(params=params, xs=xs, M0=M0, targets=targets, config=cfg)
+    for change, match in bad:
+        kw = {**base, **change}
+        args = (kw.pop("params"), kw.pop("xs"), kw.pop("M0"), kw.pop("targets"))
+        with pytest.raises(MemcoreError, match=match):
+            BE.mrbp(*args, **kw)
+        with pytest.raises(MemcoreError, match=match):
+            BE.bptt("memformer", *args, **kw)
+    with pytest.raises(MemcoreError, match="`step` must be one of"):
+        BE.bptt("lstm", params, xs, M0, targets, config=cfg)
+    h = torch.zeros(2, 3, dtype=torch.float64)
+    with pytest.raises(MemcoreError, match="`resets` must be None for step 'sab'"):
+        BE.bptt(
+            "sab",
+            {},
+            torch.zeros(2, 2, 1, dtype=torch.float64),
+            (h, h),
+            None,
+            config=SABConfig(),
+            resets=torch.zeros(2, 2, dtype=torch.bool),
+        )
+    with pytest.raises(MemcoreError, match=r"`state0\[1\]` must have shape"):
+        BE.sab_sparse_replay(
+            {}, torch.zeros(2, 2, 1, dtype=torch.float64), (h, h[:, :2]), None, config=SABConfig()
+        )
+
+
+def test_routing_leaves_inputs_untouched():
+    """The drivers neither modify the caller's tensors nor leave gradients on them."""
+    params, xs, M0, targets, cfg = _memformer_inputs(3)
+    params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    before = {k: v.detach().clone() for k, v in params.items()}
+    BE.mrbp(params, xs, M0, targets, config=cfg)
+    BE.bptt("memformer", params, xs, M0, targets, config=cfg)
+    for k, v in params.items():
+        assert v.grad is None and torch.equal(v.detach(), before[k])
