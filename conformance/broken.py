@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-
 from memcore.backends.numpy import NumpyBackend
-from memcore.protocol import Capabilities
 from memcore.reference import sab
+
+from memcore.protocol import Capabilities
 
 __all__ = [
     "MUTANTS",
@@ -50,12 +50,16 @@ class ScaledBackward(NumpyBackend):
         return out, grads
 
 
-def _off_by_one_sparsify(scores: Any, k_top: int, eps: float, threshold_grad: bool) -> tuple[Any, Any]:
+def _off_by_one_sparsify(
+    scores: Any, k_top: int, eps: float, threshold_grad: bool
+) -> tuple[Any, Any]:
     # The bug: the min(k_top, N)-th largest score, where the spec says min(k_top + 1, N).
     n = scores.shape[-1]
     if n == 0:
         return sab.sparsify_forward(scores, k_top=k_top, eps=eps, threshold_grad=threshold_grad)
-    return sab.sparsify_with_threshold(scores, sab.kth_largest(scores, min(k_top, n)), eps, threshold_grad)
+    return sab.sparsify_with_threshold(
+        scores, sab.kth_largest(scores, min(k_top, n)), eps, threshold_grad
+    )
 
 
 class ThresholdOffByOne(NumpyBackend):
@@ -146,4 +150,11 @@ class NoFloat64(NumpyBackend):
         return Capabilities(dtypes=("float32",), autodiff="hand-written", dlpack=False)
 
 
-MUTANTS = (ScaledBackward, ThresholdOffByOne, ReplayWithoutChunkCut, MrbpIgnoresTruncation, Mutating, WrongDtype)
+MUTANTS = (
+    ScaledBackward,
+    ThresholdOffByOne,
+    ReplayWithoutChunkCut,
+    MrbpIgnoresTruncation,
+    Mutating,
+    WrongDtype,
+)

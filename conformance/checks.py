@@ -23,10 +23,10 @@ from typing import Any
 
 import attrs
 import numpy as np
-
-from memcore import reference
 from memcore.conformance.compare import Comparison, compare, failure
 from memcore.conformance.tolerances import tolerance
+
+from memcore import reference
 from memcore.errors import MemcoreError
 from memcore.ops import error_cases, get_op
 from memcore.opspec import OpSpec, Sample, Sizes, dtype_name
@@ -116,14 +116,22 @@ def _snapshot(backend: Any, values: Sequence[Any]) -> list[tuple[tuple[int, ...]
     return out
 
 
-def _converted(backend: Any, sample: Sample, dtype: str, device: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _converted(
+    backend: Any, sample: Sample, dtype: str, device: str
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     ins = tuple(to_backend(backend, x, dtype, device) for x in sample.inputs)
     at = {k: to_backend(backend, v, dtype, device) for k, v in sample.attrs.items()}
     return ins, at
 
 
-def _preserve(backend: Any, label: str, values: Sequence[Any], shapes: Sequence[tuple[int, ...]],
-              dtype: str, device: str) -> list[str]:
+def _preserve(
+    backend: Any,
+    label: str,
+    values: Sequence[Any],
+    shapes: Sequence[tuple[int, ...]],
+    dtype: str,
+    device: str,
+) -> list[str]:
     problems = []
     for i, (v, shape) in enumerate(zip(values, shapes)):
         if v is None:
@@ -150,8 +158,9 @@ def _as_tuple(spec: OpSpec, out: Any) -> tuple[Any, ...] | None:
 
 
 # ------------------------------------------------------------------ one example
-def op_example(backend: Any, op: str, dtype: str, device: str, sample: Sample,
-               rng: np.random.Generator) -> dict[str, Outcome]:
+def op_example(
+    backend: Any, op: str, dtype: str, device: str, sample: Sample, rng: np.random.Generator
+) -> dict[str, Outcome]:
     """Run the forward, vjp, preserve and no_mutation checks on one float64 sample.
 
     Args:
@@ -184,7 +193,9 @@ def op_example(backend: Any, op: str, dtype: str, device: str, sample: Sample,
     else:
         outs = _as_tuple(spec, result)
         if outs is None:
-            out["forward"] = _fail(f"forward must return a tuple of {len(spec.outputs)} arrays; got {type(result).__name__}")
+            out["forward"] = _fail(
+                f"forward must return a tuple of {len(spec.outputs)} arrays; got {type(result).__name__}"
+            )
         else:
             comps = []
             for name, o, r in zip(out_names, outs, ref_outs):
@@ -193,7 +204,9 @@ def op_example(backend: Any, op: str, dtype: str, device: str, sample: Sample,
                 except Exception as exc:  # noqa: BLE001
                     comps.append(failure(name, f"could not convert to NumPy: {exc}", fwd_tol))
             out["forward"] = _from_comparisons(comps)
-            preserve += _preserve(backend, "forward out", outs, [r.shape for r in ref_outs], dtype, device)
+            preserve += _preserve(
+                backend, "forward out", outs, [r.shape for r in ref_outs], dtype, device
+            )
 
     cts64 = [rng.standard_normal(r.shape) for r in ref_outs]
     cts = [to_backend(backend, c, dtype, device) for c in cts64]
@@ -209,19 +222,36 @@ def op_example(backend: Any, op: str, dtype: str, device: str, sample: Sample,
         vouts = _as_tuple(spec, vout)
         comps = []
         if vouts is None:
-            comps.append(failure("out", f"vjp must return the op's outputs; got {type(vout).__name__}", vjp_tol))
+            comps.append(
+                failure(
+                    "out", f"vjp must return the op's outputs; got {type(vout).__name__}", vjp_tol
+                )
+            )
         else:
-            comps += [compare(f"out[{n}]", host(backend, o), r, vjp_tol) for n, o, r in zip(out_names, vouts, ref_outs)]
-            preserve += _preserve(backend, "vjp out", vouts, [r.shape for r in ref_outs], dtype, device)
+            comps += [
+                compare(f"out[{n}]", host(backend, o), r, vjp_tol)
+                for n, o, r in zip(out_names, vouts, ref_outs)
+            ]
+            preserve += _preserve(
+                backend, "vjp out", vouts, [r.shape for r in ref_outs], dtype, device
+            )
         grads = tuple(grads) if isinstance(grads, (tuple, list)) else (grads,)
         if len(grads) != len(spec.inputs):
-            comps.append(failure("grads", f"{len(grads)} gradients for {len(spec.inputs)} inputs", vjp_tol))
+            comps.append(
+                failure("grads", f"{len(grads)} gradients for {len(spec.inputs)} inputs", vjp_tol)
+            )
         else:
             for t, g, r in zip(spec.inputs, grads, ref_grads):
                 if t.differentiable:
-                    comps.append(compare(f"grad[{t.name}]", None if g is None else host(backend, g), r, vjp_tol))
+                    comps.append(
+                        compare(
+                            f"grad[{t.name}]", None if g is None else host(backend, g), r, vjp_tol
+                        )
+                    )
             diff = [(g, x.shape) for t, g, x in zip(spec.inputs, grads, ref_in) if t.differentiable]
-            preserve += _preserve(backend, "grad", [g for g, _ in diff], [s for _, s in diff], dtype, device)
+            preserve += _preserve(
+                backend, "grad", [g for g, _ in diff], [s for _, s in diff], dtype, device
+            )
         out["vjp"] = _from_comparisons(comps)
 
     out["preserve"] = Outcome(not preserve, (), "; ".join(preserve[:4]))
@@ -229,13 +259,19 @@ def op_example(backend: Any, op: str, dtype: str, device: str, sample: Sample,
     after_v = _snapshot(backend, ins_v + tuple(at_v.values()) + tuple(cts))
     names = list(spec.input_names) + list(sample.attrs)
     changed = [f"forward changed `{n}`" for n, a, b in zip(names, before_f, after_f) if a != b]
-    changed += [f"vjp changed `{n}`" for n, a, b in zip(names + ["cotangent"] * len(cts), before_v, after_v) if a != b]
+    changed += [
+        f"vjp changed `{n}`"
+        for n, a, b in zip(names + ["cotangent"] * len(cts), before_v, after_v)
+        if a != b
+    ]
     out["no_mutation"] = Outcome(not changed, (), "; ".join(changed))
     return out
 
 
 # ------------------------------------------------------------------ error inputs
-def op_errors(backend: Any, op: str, dtype: str, device: str, sizes: Sizes | None = None) -> Outcome:
+def op_errors(
+    backend: Any, op: str, dtype: str, device: str, sizes: Sizes | None = None
+) -> Outcome:
     """Every declared error case of ``op`` must raise ``MemcoreError`` matching its pattern.
 
     The valid base sample is drawn with a fixed seed at ``sizes`` (default :class:`Sizes`).
@@ -250,7 +286,9 @@ def op_errors(backend: Any, op: str, dtype: str, device: str, sizes: Sizes | Non
         except Exception as exc:  # noqa: BLE001 - a backend that rejects on conversion
             if isinstance(exc, MemcoreError) and re.search(case.match, str(exc)):
                 continue
-            problems.append(f"{case.label}: converting the inputs raised {type(exc).__name__}: {exc}")
+            problems.append(
+                f"{case.label}: converting the inputs raised {type(exc).__name__}: {exc}"
+            )
             continue
         try:
             backend.forward(op, *ins, **at)
@@ -258,9 +296,10 @@ def op_errors(backend: Any, op: str, dtype: str, device: str, sizes: Sizes | Non
             if not re.search(case.match, str(exc)):
                 problems.append(f"{case.label}: message {str(exc)!r} does not match {case.match!r}")
         except Exception as exc:  # noqa: BLE001
-            problems.append(f"{case.label}: raised {type(exc).__name__} instead of MemcoreError: {exc}")
+            problems.append(
+                f"{case.label}: raised {type(exc).__name__} instead of MemcoreError: {exc}"
+            )
         else:
             problems.append(f"{case.label}: did not raise")
     msg = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
     return Outcome(not problems, (), msg if problems else f"{len(cases)} cases")
-

@@ -1,8 +1,9 @@
 """Array comparisons that say how far off and where, never just True or False.
 
 An element passes when ``|actual - expected| <= atol + rtol * |expected|``. A comparison
-reports the largest absolute error, the largest relative error (over entries whose
-expected value is non-zero), the worst element's index (by error over its allowed
+reports the largest absolute error, the largest relative error (magnitudes floored at
+``atol / rtol``, below which the absolute tolerance governs, so an error at an exact zero
+is not hidden), the worst element's index (by error over its allowed
 bound) with both values there, and the shapes when they differ.
 """
 
@@ -14,7 +15,6 @@ from typing import Any
 
 import attrs
 import numpy as np
-
 from memcore.conformance.tolerances import Tol
 
 __all__ = ["Comparison", "compare", "failure", "worst"]
@@ -28,7 +28,7 @@ class Comparison:
         name: what was compared, e.g. "grad[memory]" or "out".
         ok: every element within tolerance (and shapes equal, NaN where expected).
         max_abs: the largest |actual - expected|.
-        max_rel: the largest |actual - expected| / |expected| over entries with expected != 0.
+        max_rel: the largest |actual - expected| / max(|expected|, atol / rtol).
         ratio: the largest error / (atol + rtol |expected|); at most 1 when ``ok``.
         where: index of the element with the largest ratio (None for empty arrays).
         actual_at / expected_at: the two values at ``where``.
@@ -115,7 +115,10 @@ def compare(name: str, actual: Any, expected: Any, tol: Tol) -> Comparison:
     bound = tol.bound(mag)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(err == 0, 0.0, err / np.where(bound > 0, bound, 0.0))
-        rel = np.where(mag > 0, err / np.where(mag > 0, mag, 1.0), 0.0)
+        floor = tol.atol / tol.rtol if tol.rtol > 0 else 0.0
+        denom = np.maximum(mag, floor)
+        rel = np.where(err == 0, 0.0, err / np.where(denom > 0, denom, 1.0))
+        rel = np.where(denom > 0, rel, np.where(err == 0, 0.0, np.inf))
     ratio = np.where(np.isnan(ratio), np.inf, ratio)
     flat = int(np.argmax(ratio))
     where = tuple(int(i) for i in np.unravel_index(flat, a.shape))

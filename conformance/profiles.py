@@ -10,7 +10,7 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-__all__ = ["PROFILES", "load_profile", "register_profiles"]
+__all__ = ["PROFILES", "load_profile", "profile_name", "register_profiles"]
 
 PROFILES = ("dev", "ci", "nightly")
 _registered = False
@@ -26,6 +26,19 @@ def register_profiles() -> None:
     settings.register_profile("ci", max_examples=30, derandomize=True, database=None, print_blob=True, **common)
     settings.register_profile("nightly", max_examples=1000, **common)
     _registered = True
+
+
+def profile_name(name: str | None = None) -> str:
+    """Profile ``name`` (or ``$MEMCORE_HYPOTHESIS_PROFILE``, default "dev"), validated, registered,
+    but not loaded: the conformance runner passes it explicitly instead of changing the
+    process-wide hypothesis profile."""
+    from memcore.errors import MemcoreError
+
+    register_profiles()
+    chosen = name or os.environ.get("MEMCORE_HYPOTHESIS_PROFILE", "dev")
+    if chosen not in PROFILES:
+        raise MemcoreError(f"`profile` must be one of {', '.join(PROFILES)}. Received: profile={chosen!r}")
+    return chosen
 
 
 def load_profile(name: str | None = None) -> str:

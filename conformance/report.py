@@ -17,7 +17,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
 import numpy as np
-
 from memcore.conformance.runner import CheckResult, Unit
 
 __all__ = [
@@ -31,7 +30,13 @@ __all__ = [
     "write_json",
 ]
 
-_CELL = {"passed": "ok", "failed": "FAIL", "skipped": "skip", "xfailed": "xfail", "xpassed": "XPASS"}
+_CELL = {
+    "passed": "ok",
+    "failed": "FAIL",
+    "skipped": "skip",
+    "xfailed": "xfail",
+    "xpassed": "XPASS",
+}
 
 
 def _figure(r: CheckResult) -> str:
@@ -53,7 +58,11 @@ def format_table(results: Sequence[CheckResult]) -> str:
             r = by_key.get((op, check, d))
             cells.append("" if r is None else f"{_CELL[r.status]} {_figure(r)}".rstrip())
         body.append([op, check] + cells)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)] if body else [len(h) for h in head]
+    widths = (
+        [max(len(str(x)) for x in col) for col in zip(head, *body)]
+        if body
+        else [len(h) for h in head]
+    )
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(head, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in body]
@@ -117,9 +126,18 @@ def environment() -> dict[str, Any]:
     }
 
 
-def backend_record(name: str, backend: Any, *, device: str | None, dtypes: Sequence[str],
-                   numerics: Mapping[str, Any], results: Sequence[CheckResult], error: str = "",
-                   profile: str = "", xfail_file: str | None = None) -> dict[str, Any]:
+def backend_record(
+    name: str,
+    backend: Any,
+    *,
+    device: str | None,
+    dtypes: Sequence[str],
+    numerics: Mapping[str, Any],
+    results: Sequence[CheckResult],
+    error: str = "",
+    profile: str = "",
+    xfail_file: str | None = None,
+) -> dict[str, Any]:
     """One backend's part of the JSON report (``error`` when it could not run at all)."""
     return {
         "name": name,
@@ -136,8 +154,13 @@ def backend_record(name: str, backend: Any, *, device: str | None, dtypes: Seque
     }
 
 
-def document(backends: Sequence[Mapping[str, Any]], *, profile: str, self_check: Mapping[str, Any] | None = None,
-             command: Sequence[str] | None = None) -> dict[str, Any]:
+def document(
+    backends: Sequence[Mapping[str, Any]],
+    *,
+    profile: str,
+    self_check: Mapping[str, Any] | None = None,
+    command: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """The whole JSON report: environment, self-check, every backend, and overall ``ok``."""
     failed = any(b["error"] or b["summary"]["failed"] for b in backends)
     if self_check:
@@ -180,7 +203,14 @@ class Progress:
     case one line is printed per unit.
     """
 
-    def __init__(self, label: str, stream: TextIO | None = None, *, enabled: bool | None = None, width: int = 30):
+    def __init__(
+        self,
+        label: str,
+        stream: TextIO | None = None,
+        *,
+        enabled: bool | None = None,
+        width: int = 30,
+    ):
         self.label = label
         self.stream = stream or sys.stderr
         tty = bool(getattr(self.stream, "isatty", lambda: False)())

@@ -22,14 +22,20 @@ from typing import Any
 
 import attrs
 import numpy as np
-
 from memcore.conformance.checks import Outcome, host, to_backend
 from memcore.conformance.compare import Comparison, compare, failure
 from memcore.conformance.strategies import RoutingCase
 from memcore.conformance.tolerances import Tol, tolerance
+
 from memcore.errors import MemcoreError
 
-__all__ = ["ROUTING_CHECKS", "compare_results", "reference_backend", "routing_errors", "routing_example"]
+__all__ = [
+    "ROUTING_CHECKS",
+    "compare_results",
+    "reference_backend",
+    "routing_errors",
+    "routing_example",
+]
 
 ROUTING_CHECKS = {
     "memformer": ("mrbp_vs_own_bptt", "mrbp_vs_ref_bptt", "errors"),
@@ -59,8 +65,10 @@ def _missing(backend: Any, methods: tuple[str, ...], who: str) -> str:
     gone = [m for m in methods if not callable(getattr(backend, m, None))]
     if not gone:
         return ""
-    return (f"{who} has no routing method {', '.join('`' + m + '`' for m in gone)} "
-            "(the routing contract: bptt, mrbp, sab_bptt, sab_sparse_replay)")
+    return (
+        f"{who} has no routing method {', '.join('`' + m + '`' for m in gone)} "
+        "(the routing contract: bptt, mrbp, sab_bptt, sab_sparse_replay)"
+    )
 
 
 def _inputs(backend: Any, case: RoutingCase, dtype: str, device: str) -> dict[str, Any]:
@@ -95,8 +103,13 @@ def _read_back(backend: Any, value: Any) -> Any:
 def _call(backend: Any, method: str, case: RoutingCase, arrays: dict[str, Any]) -> Any:
     p, xs, s0, tg = arrays["params"], arrays["xs"], arrays["state0"], arrays["targets"]
     if case.step == "memformer":
-        kw = dict(config=case.config, loss=case.loss, resets=arrays["resets"],
-                  token_mask=arrays["token_mask"], truncate_every=case.truncate_every)
+        kw = {
+            "config": case.config,
+            "loss": case.loss,
+            "resets": arrays["resets"],
+            "token_mask": arrays["token_mask"],
+            "truncate_every": case.truncate_every,
+        }
         if method == "bptt":
             return backend.bptt("memformer", p, xs, s0, tg, **kw)
         return backend.mrbp(p, xs, s0, tg, **kw)
@@ -109,7 +122,9 @@ def _states(name: str, value: Any) -> list[tuple[str, Any]]:
     return [(name, value)]
 
 
-def compare_results(backend: Any, got: Any, want: Any, want_backend: Any, tol: Tol) -> list[Comparison]:
+def compare_results(
+    backend: Any, got: Any, want: Any, want_backend: Any, tol: Tol
+) -> list[Comparison]:
     """Loss, every gradient, the initial-state gradient and the final state of two results."""
     comps = [compare("loss", host(backend, got.loss), host(want_backend, want.loss), tol)]
     grads = dict(got.grads)
@@ -118,15 +133,23 @@ def compare_results(backend: Any, got: Any, want: Any, want_backend: Any, tol: T
             comps.append(failure(f"grads[{k}]", "missing from the backend's grads", tol))
             continue
         g = grads[k]
-        comps.append(compare(f"grads[{k}]", None if g is None else host(backend, g), host(want_backend, v), tol))
+        comps.append(
+            compare(
+                f"grads[{k}]", None if g is None else host(backend, g), host(want_backend, v), tol
+            )
+        )
     for field in ("d_state0", "final_state"):
         want_parts = _states(field, getattr(want, field))
         got_parts = _states(field, getattr(got, field))
         if len(got_parts) != len(want_parts):
-            comps.append(failure(field, f"{len(got_parts)} arrays, expected {len(want_parts)}", tol))
+            comps.append(
+                failure(field, f"{len(got_parts)} arrays, expected {len(want_parts)}", tol)
+            )
             continue
         for (name, g), (_, w) in zip(got_parts, want_parts):
-            comps.append(compare(name, None if g is None else host(backend, g), host(want_backend, w), tol))
+            comps.append(
+                compare(name, None if g is None else host(backend, g), host(want_backend, w), tol)
+            )
     return comps
 
 
@@ -173,12 +196,26 @@ def routing_example(backend: Any, case: RoutingCase, dtype: str, device: str) ->
         if check == "replayed_chunks":
             got, want = results["main"].replayed_chunks, results["ref"].replayed_chunks
             ok = got is not None and sorted(set(got)) == sorted(want) and len(set(got)) == len(got)
-            out[check] = Outcome(ok, (), "" if ok else f"replayed chunks {got} != reference {sorted(want)}")
+            out[check] = Outcome(
+                ok, (), "" if ok else f"replayed chunks {got} != reference {sorted(want)}"
+            )
             continue
         if keys[1] == "own":
-            comps = compare_results(backend, results["main"], results["own"], backend, tolerance(case.step, dtype, "routing"))
+            comps = compare_results(
+                backend,
+                results["main"],
+                results["own"],
+                backend,
+                tolerance(case.step, dtype, "routing"),
+            )
         else:
-            comps = compare_results(backend, results["main"], results["ref"], ref, tolerance(case.step, dtype, "routing"))
+            comps = compare_results(
+                backend,
+                results["main"],
+                results["ref"],
+                ref,
+                tolerance(case.step, dtype, "routing"),
+            )
         out[check] = _outcome(comps)
     return out
 
@@ -218,7 +255,13 @@ def routing_errors(backend: Any, case: RoutingCase, dtype: str, device: str) -> 
             except MemcoreError:
                 continue
             except Exception as exc:  # noqa: BLE001
-                problems.append(f"{method} with {label}: raised {type(exc).__name__} instead of MemcoreError: {exc}")
+                problems.append(
+                    f"{method} with {label}: raised {type(exc).__name__} instead of MemcoreError: {exc}"
+                )
             else:
                 problems.append(f"{method} with {label}: did not raise")
-    return Outcome(not problems, (), "; ".join(problems[:3]) if problems else f"{len(methods) * len(bad_cases)} cases")
+    return Outcome(
+        not problems,
+        (),
+        "; ".join(problems[:3]) if problems else f"{len(methods) * len(bad_cases)} cases",
+    )

@@ -5,21 +5,12 @@ draws examples with hypothesis (sizes and seeds; values in float64 from the op's
 and runs all its checks on each; a check's result keeps its worst comparison over all
 examples and the first failing example. Error inputs run once per unit.
 
-Backend hooks the runner uses when present (all optional):
-
-* ``pin_numerics() -> dict``: make float results reproducible (torch: TF32 and reduced
-  precision reductions off; jax: default matmul precision "highest") and return the
-  settings in force. Called once before running.
-* ``numerics_settings() -> dict``: the settings, recorded when ``pin_numerics`` is absent.
-* ``device_of(array) -> str``: the device of an array (else ``str(array.device)``).
-
-Without the hooks, the runner pins torch and jax itself when the backend's framework is
-already imported, and records what it did.
+The backend hooks it consults (``pin_numerics``, ``numerics_settings``, ``device_of``)
+are documented in :mod:`memcore.conformance.hooks`.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,9 +22,10 @@ from hypothesis import strategies as st
 
 from memcore.conformance.checks import OP_CHECKS, Outcome, op_errors, op_example
 from memcore.conformance.compare import Comparison, worst
-from memcore.conformance.profiles import load_profile, register_profiles
+from memcore.conformance.hooks import dtype_skip_reason, pin_numerics, resolve_device
+from memcore.conformance.profiles import profile_name, register_profiles
 from memcore.conformance.routing_checks import ROUTING_CHECKS, routing_errors, routing_example
-from memcore.conformance.strategies import memformer_cases, sab_cases, seeds, sizes
+from memcore.conformance.strategies import build_case, memformer_layouts, sab_layouts, seeds, sizes
 from memcore.conformance.xfails import XfailList
 from memcore.errors import MemcoreError
 from memcore.ops import OPS, get_op
@@ -44,17 +36,23 @@ __all__ = [
     "Unit",
     "check_id",
     "drive",
+    "dtype_skip_reason",
     "pin_numerics",
     "plan",
     "resolve_device",
-    "dtype_skip_reason",
     "run_backend",
     "run_unit",
     "unit_results",
 ]
 
-# (per-op examples, per-routing-step examples) for each profile.
-EXAMPLES = {"dev": (6, 3), "ci": (15, 6), "nightly": (1000, 100)}
+# Per profile and unit kind: (layouts, seeds per layout). A layout is one drawn set of
+# sizes (and, for routing, config and options); each seed fills it with new values.
+# Shapes repeat within a layout, so a jitting backend (jax) compiles once per layout.
+EXAMPLES = {
+    "dev": {"op": (3, 2), "routing": (2, 2)},
+    "ci": {"op": (5, 3), "routing": (3, 2)},
+    "nightly": {"op": (334, 3), "routing": (50, 2)},
+}
 CHECK_DTYPES = ("float64", "float32", "bfloat16", "float16")
 
 
@@ -105,54 +103,17 @@ def check_id(backend: str, device: str, dtype: str, op: str, check: str) -> str:
     return f"{backend}-{device}-{dtype}-{op}-{check}"
 
 
-def resolve_device(backend: Any, device: str | None) -> str:
-    """``device`` checked against ``backend.devices()`` (default: "cpu", else the first).
-
-    Raises:
-        MemcoreError: the device is not available, listing the ones that are.
-    """
-    devices = tuple(backend.devices())
-    if device is None:
-        return "cpu" if "cpu" in devices else devices[0]
-    name = "cuda:0" if device == "cuda" and "cuda:0" in devices else device
-    if name not in devices:
-        raise MemcoreError(
-            f"Device {device!r} is not available for backend {backend.name!r}. Available: {', '.join(devices)}"
-        )
-    return name
-
-
 def plan(ops: Sequence[str] | None, dtypes: Sequence[str], routing: bool) -> list[Unit]:
     """The units to run, ops first, in registry order."""
     names = list(OPS) if ops is None else [get_op(o).name for o in ops]
     units = [Unit("op", o, d, OP_CHECKS) for d in dtypes for o in names]
     if routing:
-        units += [Unit("routing", step, d, checks) for d in dtypes for step, checks in ROUTING_CHECKS.items()]
+        units += [
+            Unit("routing", step, d, checks)
+            for d in dtypes
+            for step, checks in ROUTING_CHECKS.items()
+        ]
     return units
-
-
-def pin_numerics(backend: Any) -> dict[str, Any]:
-    """Pin the backend's numerics through its hook, or pin torch/jax directly; return what is in force."""
-    if callable(getattr(backend, "pin_numerics", None)):
-        return {"source": "backend.pin_numerics", **dict(backend.pin_numerics() or {})}
-    recorded: dict[str, Any] = {}
-    if callable(getattr(backend, "numerics_settings", None)):
-        recorded = {"source": "backend.numerics_settings", **dict(backend.numerics_settings() or {})}
-    framework = type(backend).__module__.split(".")
-    if "torch" in framework and "torch" in sys.modules:
-        torch = sys.modules["torch"]
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        recorded.update(source="runner (backend has no pin_numerics)", cuda_matmul_allow_tf32=False, cudnn_allow_tf32=False)
-    if "jax" in framework and "jax" in sys.modules:
-        jax = sys.modules["jax"]
-        jax.config.update("jax_default_matmul_precision", "highest")
-        recorded.update(
-            source="runner (backend has no pin_numerics)",
-            jax_default_matmul_precision="highest",
-            jax_enable_x64=bool(jax.config.read("jax_enable_x64")),
-        )
-    return recorded or {"source": "none (no hook, nothing to pin)"}
 
 
 def drive(strategy: st.SearchStrategy, n: int, profile: str, body: Callable[[Any], None]) -> None:
@@ -161,7 +122,9 @@ def drive(strategy: st.SearchStrategy, n: int, profile: str, body: Callable[[Any
     # it is used as the drawing engine, with the profile's seed policy.
     register_profiles()
     base = settings.get_profile(profile)
-    run = settings(base, max_examples=n, database=None, phases=(Phase.explicit, Phase.generate))(given(strategy)(body))
+    run = settings(base, max_examples=n, database=None, phases=(Phase.explicit, Phase.generate))(
+        given(strategy)(body)
+    )
     run()
 
 
@@ -182,40 +145,57 @@ class _Acc:
             self.ok, self.message, self.failed_example = False, outcome.message, label
 
 
-def run_unit(backend: Any, unit: Unit, *, device: str, profile: str, examples: int | None = None) -> dict[str, _Acc]:
+def run_unit(
+    backend: Any, unit: Unit, *, device: str, profile: str, layouts: int | None = None
+) -> dict[str, _Acc]:
     """Run one unit; returns an accumulator per check (internal to the runner and plugin)."""
     accs = {c: _Acc() for c in unit.checks}
-    n_ops, n_routing = EXAMPLES[profile]
+    n_layouts, n_seeds = EXAMPLES[profile][unit.kind]
+    drawn = st.lists(seeds, min_size=n_seeds, max_size=n_seeds, unique=True)
+
+    def record(outcomes: dict[str, Outcome], label: str) -> None:
+        for check, outcome in outcomes.items():
+            accs[check].add(outcome, label)
+
+    def crashed(exc: Exception) -> dict[str, Outcome]:
+        return {
+            c: Outcome(False, (), f"{type(exc).__name__}: {exc}")
+            for c in unit.checks
+            if c != "errors"
+        }
+
     if unit.kind == "op":
         spec = get_op(unit.op)
 
-        def body(drawn: tuple[Any, int]) -> None:
-            z, seed = drawn
-            rng = np.random.default_rng(seed)
-            sample = spec.sample(rng, z, "float64")
-            label = f"{z}, seed={seed}"
-            try:
-                outcomes = op_example(backend, unit.op, unit.dtype, device, sample, rng)
-            except Exception as exc:  # noqa: BLE001 - e.g. conversion failed: every check fails
-                outcomes = {c: Outcome(False, (), f"{type(exc).__name__}: {exc}") for c in unit.checks if c != "errors"}
-            for check, outcome in outcomes.items():
-                accs[check].add(outcome, label)
+        def body(example: tuple[Any, list[int]]) -> None:
+            z, values = example
+            for seed in values:
+                rng = np.random.default_rng(seed)
+                sample = spec.sample(rng, z, "float64")
+                try:
+                    outcomes = op_example(backend, unit.op, unit.dtype, device, sample, rng)
+                except Exception as exc:  # noqa: BLE001 - e.g. conversion failed: every check fails
+                    outcomes = crashed(exc)
+                record(outcomes, f"{z}, seed={seed}")
 
-        drive(st.tuples(sizes(), seeds), examples or n_ops, profile, body)
-        accs["errors"].add(_safe(lambda: op_errors(backend, unit.op, unit.dtype, device)), "fixed sample")
+        drive(st.tuples(sizes(), drawn), layouts or n_layouts, profile, body)
+        accs["errors"].add(
+            _safe(lambda: op_errors(backend, unit.op, unit.dtype, device)), "fixed sample"
+        )
         return accs
 
-    strategy = memformer_cases() if unit.op == "memformer" else sab_cases()
+    def rbody(example: tuple[Any, list[int]]) -> None:
+        layout, values = example
+        for seed in values:
+            case = build_case(layout, seed)
+            try:
+                outcomes = routing_example(backend, case, unit.dtype, device)
+            except Exception as exc:  # noqa: BLE001
+                outcomes = crashed(exc)
+            record(outcomes, case.label)
 
-    def rbody(case: Any) -> None:
-        try:
-            outcomes = routing_example(backend, case, unit.dtype, device)
-        except Exception as exc:  # noqa: BLE001
-            outcomes = {c: Outcome(False, (), f"{type(exc).__name__}: {exc}") for c in unit.checks if c != "errors"}
-        for check, outcome in outcomes.items():
-            accs[check].add(outcome, case.label)
-
-    drive(strategy, examples or n_routing, profile, rbody)
+    strategy = memformer_layouts() if unit.op == "memformer" else sab_layouts()
+    drive(st.tuples(strategy, drawn), layouts or n_layouts, profile, rbody)
     case = _fixed_case(unit.op)
     accs["errors"].add(_safe(lambda: routing_errors(backend, case, unit.dtype, device)), case.label)
     return accs
@@ -232,50 +212,77 @@ def _fixed_case(step: str) -> Any:
     # A deterministic rollout for the error checks: the first example of a derandomized run.
     found: list[Any] = []
 
-    def keep(case: Any) -> None:
-        found.append(case)
+    def keep(layout: Any) -> None:
+        found.append(layout)
 
-    drive(memformer_cases() if step == "memformer" else sab_cases(), 1, "ci", keep)
-    return found[0]
+    drive(memformer_layouts() if step == "memformer" else sab_layouts(), 1, "ci", keep)
+    return build_case(found[0], 0)
 
 
-def _result(backend_name: str, device: str, unit: Unit, check: str, acc: _Acc, seconds: float,
-            xfails: XfailList) -> CheckResult:
+def _result(
+    backend_name: str,
+    device: str,
+    unit: Unit,
+    check: str,
+    acc: _Acc,
+    seconds: float,
+    xfails: XfailList,
+) -> CheckResult:
     cid = check_id(backend_name, device, unit.dtype, unit.op, check)
     status = "passed" if acc.ok else "failed"
     reason = acc.message
     entry = xfails.match(cid)
     if entry is not None:
         status = "xfailed" if status == "failed" else "xpassed"
-        reason = f"{entry.reason} ({entry.source})" + (f": {acc.message}" if acc.message and status == "xfailed" else "")
+        reason = f"{entry.reason} ({entry.source})" + (
+            f": {acc.message}" if acc.message and status == "xfailed" else ""
+        )
     return CheckResult(
-        cid, backend_name, device, unit.dtype, unit.op, check, status, reason, acc.examples,
-        acc.comps[0] if acc.comps else None, acc.failed_example, seconds,
+        cid,
+        backend_name,
+        device,
+        unit.dtype,
+        unit.op,
+        check,
+        status,
+        reason,
+        acc.examples,
+        acc.comps[0] if acc.comps else None,
+        acc.failed_example,
+        seconds,
     )
 
 
-def unit_results(backend: Any, unit: Unit, *, device: str, profile: str, xfails: XfailList,
-                 examples: int | None = None, skip_reason: str = "") -> list[CheckResult]:
+def unit_results(
+    backend: Any,
+    unit: Unit,
+    *,
+    device: str,
+    profile: str,
+    xfails: XfailList,
+    layouts: int | None = None,
+    skip_reason: str = "",
+) -> list[CheckResult]:
     """The CheckResults of one unit (skipped with ``skip_reason`` when it is given)."""
     name = getattr(backend, "name", type(backend).__name__)
     if skip_reason:
         return [
-            CheckResult(check_id(name, device, unit.dtype, unit.op, c), name, device, unit.dtype, unit.op, c,
-                        "skipped", skip_reason)
+            CheckResult(
+                check_id(name, device, unit.dtype, unit.op, c),
+                name,
+                device,
+                unit.dtype,
+                unit.op,
+                c,
+                "skipped",
+                skip_reason,
+            )
             for c in unit.checks
         ]
     start = time.perf_counter()
-    accs = run_unit(backend, unit, device=device, profile=profile, examples=examples)
+    accs = run_unit(backend, unit, device=device, profile=profile, layouts=layouts)
     seconds = time.perf_counter() - start
     return [_result(name, device, unit, c, accs[c], seconds, xfails) for c in unit.checks]
-
-
-def dtype_skip_reason(backend: Any, device: str, dtype: str) -> str:
-    """Why ``dtype`` cannot run on ``device`` ("" when it can)."""
-    supported = tuple(backend.capabilities(device).dtypes)
-    if dtype in supported:
-        return ""
-    return f"backend {backend.name!r} on {device} does not support {dtype} (capabilities().dtypes = {supported})"
 
 
 def run_backend(
@@ -287,7 +294,7 @@ def run_backend(
     ops: Sequence[str] | None = None,
     routing: bool = True,
     xfails: XfailList | None = None,
-    examples: int | None = None,
+    layouts: int | None = None,
     progress: Callable[[int, int, Unit], None] | None = None,
 ) -> list[CheckResult]:
     """Run every unit of the plan on ``backend``; never raises for a failing check.
@@ -298,28 +305,38 @@ def run_backend(
         dtypes: dtypes to check (default: the supported ones among float64, float32).
         profile: dev, ci or nightly (default ``$MEMCORE_HYPOTHESIS_PROFILE`` or dev).
         ops: op names (default all); routing: include the routing steps.
-        xfails: expected failures; examples: override the profile's example count.
+        xfails: expected failures.
+        layouts: override the profile's number of drawn layouts per unit (seeds per layout stay).
         progress: ``progress(done, total, unit)`` called before each unit.
 
     Raises:
         MemcoreError: unknown device, dtype, op or profile.
     """
     device = resolve_device(backend, device)
-    profile = load_profile(profile)
+    profile = profile_name(profile)
     if dtypes is None:
         supported = tuple(backend.capabilities(device).dtypes)
         dtypes = [d for d in ("float64", "float32") if d in supported]
     for d in dtypes:
         if d not in CHECK_DTYPES:
-            raise MemcoreError(f"`dtype` must be one of {', '.join(CHECK_DTYPES)}. Received: dtype={d!r}")
+            raise MemcoreError(
+                f"`dtype` must be one of {', '.join(CHECK_DTYPES)}. Received: dtype={d!r}"
+            )
     xfails = xfails or XfailList()
     units = plan(ops, dtypes, routing)
     results: list[CheckResult] = []
     for i, unit in enumerate(units):
         if progress is not None:
             progress(i, len(units), unit)
-        results += unit_results(backend, unit, device=device, profile=profile, xfails=xfails,
-                                examples=examples, skip_reason=dtype_skip_reason(backend, device, unit.dtype))
+        results += unit_results(
+            backend,
+            unit,
+            device=device,
+            profile=profile,
+            xfails=xfails,
+            layouts=layouts,
+            skip_reason=dtype_skip_reason(backend, device, unit.dtype),
+        )
     if progress is not None and units:
         progress(len(units), len(units), units[-1])
     return results

@@ -15,9 +15,9 @@ from typing import Any
 
 import attrs
 import numpy as np
-
 from memcore.conformance.compare import worst
 from memcore.conformance.tolerances import tolerance
+
 from memcore.gradcheck import op_dot_product_test
 from memcore.ops import OPS, get_op
 from memcore.opspec import Sizes
@@ -68,7 +68,10 @@ def fd_rows(ops: Sequence[str] | None = None, profile: str = "ci") -> list[SelfC
             abs_err, rel_err = max(abs_err, r.abs_error), max(rel_err, r.rel_error)
             if not r.ok(FD_RTOL, FD_ATOL) and ok:
                 ok = False
-                detail = f"sizes {z}, seed {1000 + i}: <u, J^T v> = {r.analytic!r}, finite difference {r.numeric!r}"
+                detail = (
+                    f"sizes {z}, seed {1000 + i}: <u, J^T v> = {r.analytic!r}, "
+                    f"finite difference {r.numeric!r}"
+                )
         rows.append(SelfCheckRow(name, n, abs_err, rel_err, ok, detail))
     return rows
 
@@ -82,7 +85,8 @@ def routing_rows(profile: str = "ci", examples: int | None = None) -> list[SelfC
     from memcore.conformance.strategies import memformer_cases, sab_cases
 
     ref = reference_backend()
-    n = examples or EXAMPLES[profile][1]
+    layouts, per_layout = EXAMPLES[profile]["routing"]
+    n = examples or layouts * per_layout
     tol = tolerance("routing", "float64", "routing")
     rows = []
     pairs = (
@@ -92,18 +96,36 @@ def routing_rows(profile: str = "ci", examples: int | None = None) -> list[SelfC
     for label, strategy, a, b in pairs:
         missing = [m for m in (a, b) if not callable(getattr(ref, m, None))]
         if missing:
-            rows.append(SelfCheckRow(label, 0, float("nan"), float("nan"), False,
-                                     f"the numpy backend has no routing method {', '.join(missing)}"))
+            rows.append(
+                SelfCheckRow(
+                    label,
+                    0,
+                    float("nan"),
+                    float("nan"),
+                    False,
+                    f"the numpy backend has no routing method {', '.join(missing)}",
+                )
+            )
             continue
         state: dict[str, Any] = {"comps": [], "detail": "", "count": 0}
-        drive(strategy, n, "ci" if profile != "nightly" else profile, _equivalence_body(ref, a, b, tol, state))
+        drive(
+            strategy,
+            n,
+            "ci" if profile != "nightly" else profile,
+            _equivalence_body(ref, a, b, tol, state),
+        )
         comps = state["comps"]
         w = worst(comps)
-        rows.append(SelfCheckRow(
-            label, state["count"],
-            max((c.max_abs for c in comps), default=0.0), max((c.max_rel for c in comps), default=0.0),
-            not state["detail"] and (w is None or w.ok), state["detail"],
-        ))
+        rows.append(
+            SelfCheckRow(
+                label,
+                state["count"],
+                max((c.max_abs for c in comps), default=0.0),
+                max((c.max_rel for c in comps), default=0.0),
+                not state["detail"] and (w is None or w.ok),
+                state["detail"],
+            )
+        )
     return rows
 
 
@@ -127,20 +149,34 @@ def _equivalence_body(ref: Any, a: str, b: str, tol: Any, state: dict[str, Any])
 
 def _call(ref: Any, method: str, case: Any) -> Any:
     if case.step == "memformer":
-        kw = dict(config=case.config, loss=case.loss, resets=case.resets, token_mask=case.token_mask,
-                  truncate_every=case.truncate_every)
+        kw = {
+            "config": case.config,
+            "loss": case.loss,
+            "resets": case.resets,
+            "token_mask": case.token_mask,
+            "truncate_every": case.truncate_every,
+        }
         if method == "bptt":
             return ref.bptt("memformer", case.params, case.xs, case.state0, case.targets, **kw)
         return ref.mrbp(case.params, case.xs, case.state0, case.targets, **kw)
-    return getattr(ref, method)(case.params, case.xs, case.state0, case.targets, config=case.config, loss=case.loss)
+    return getattr(ref, method)(
+        case.params, case.xs, case.state0, case.targets, config=case.config, loss=case.loss
+    )
 
 
 def format_rows(title: str, first: str, rows: Sequence[SelfCheckRow]) -> str:
     """A small fixed-width table with a title line; failures' details under it."""
     head = [first, "samples", "max abs err", "max rel err", "status"]
-    body = [[r.name, str(r.samples), f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", "ok" if r.ok else "FAIL"] for r in rows]
+    body = [
+        [r.name, str(r.samples), f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", "ok" if r.ok else "FAIL"]
+        for r in rows
+    ]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    lines = [title, "  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    lines = [
+        title,
+        "  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(),
+        "  ".join("-" * w for w in widths),
+    ]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in body]
     lines += [f"  FAIL  {r.name}: {r.detail}" for r in rows if not r.ok]
     return "\n".join(lines)

@@ -20,7 +20,18 @@ from memcore.ops import get_op
 from memcore.opspec import Sample, Sizes
 from memcore.routing_types import HEAD_PARAM, MEMFORMER_PARAMS, Loss
 
-__all__ = ["RoutingCase", "memformer_cases", "sab_cases", "sizes", "samples", "seeds"]
+__all__ = [
+    "RoutingCase",
+    "RoutingLayout",
+    "build_case",
+    "memformer_cases",
+    "memformer_layouts",
+    "sab_cases",
+    "sab_layouts",
+    "samples",
+    "seeds",
+    "sizes",
+]
 
 seeds = st.integers(min_value=0, max_value=2**32 - 1)
 
@@ -43,7 +54,9 @@ def sizes(draw: st.DrawFn, *, allow_empty: bool = True) -> Sizes:
 
 
 @st.composite
-def samples(draw: st.DrawFn, op: str, dtype: str = "float64", *, allow_empty: bool = True) -> Sample:
+def samples(
+    draw: st.DrawFn, op: str, dtype: str = "float64", *, allow_empty: bool = True
+) -> Sample:
     """A valid call of ``op``: sizes, then values from the op's sampler with a drawn seed."""
     z = draw(sizes(allow_empty=allow_empty))
     seed = draw(seeds, label="seed")
@@ -85,54 +98,91 @@ class RoutingCase:
 def _weights(draw: st.DrawFn, steps: int) -> tuple[float, ...] | None:
     if not draw(st.booleans(), label="weighted"):
         return None
-    return tuple(draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=steps, max_size=steps), label="weights"))
+    return tuple(
+        draw(
+            st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=steps, max_size=steps),
+            label="weights",
+        )
+    )
 
 
 def _uniform(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
     return rng.uniform(-scale, scale, size=shape)
 
 
+@attrs.frozen
+class RoutingLayout:
+    """Everything about a rollout except its values: sizes, config, loss, which options are on.
+
+    Rollouts of one layout share every shape and static setting, so a jitting backend
+    compiles once per layout; :func:`build_case` fills in the values from a seed.
+    """
+
+    step: str
+    dims: Mapping[str, int]
+    config: Any
+    loss: Loss
+    resets: bool = False
+    token_mask: bool = False
+    truncate_every: int | None = None
+
+    @property
+    def label(self) -> str:
+        dims = " ".join(f"{k}={v}" for k, v in self.dims.items())
+        extra = ""
+        if self.step == "memformer":
+            extra = (
+                f" tau={self.config.tau} resets={self.resets} token_mask={self.token_mask}"
+                f" truncate_every={self.truncate_every}"
+            )
+        else:
+            c = self.config
+            extra = (
+                f" k_top={c.k_top} k_att={c.k_att} k_trunc={c.k_trunc} threshold_grad={c.threshold_grad} "
+                f"block_score_grad={c.block_score_grad} include_h0_memory={c.include_h0_memory}"
+            )
+        return f"{self.step} {dims}{extra} loss={self.loss.kind} weights={self.loss.weights}"
+
+
 @st.composite
-def memformer_cases(draw: st.DrawFn, *, max_steps: int = 4) -> RoutingCase:
-    """A small Memformer rollout with drawn resets, token masks, loss and truncation."""
+def memformer_layouts(draw: st.DrawFn, *, max_steps: int = 4) -> RoutingLayout:
+    """Sizes, config, loss, resets / token-mask switches and truncation of a Memformer rollout."""
     T = draw(st.integers(1, max_steps), label="T")
-    B, L, K = draw(st.integers(1, 2), label="B"), draw(st.integers(1, 3), label="L"), draw(st.integers(1, 3), label="K")
-    H, dh = draw(st.integers(1, 2), label="H"), draw(st.integers(1, 2), label="dh")
+    dims = {
+        "T": T,
+        "B": draw(st.integers(1, 2), label="B"),
+        "L": draw(st.integers(1, 3), label="L"),
+        "K": draw(st.integers(1, 3), label="K"),
+        "H": draw(st.integers(1, 2), label="H"),
+        "dh": draw(st.integers(1, 2), label="dh"),
+    }
     tau = draw(st.sampled_from([0.25, 0.5, 1.0]), label="tau")
     kind = draw(st.sampled_from(["mse", "xent"]), label="loss")
-    weights = _weights(draw, T)
-    use_resets, use_mask = draw(st.booleans(), label="resets"), draw(st.booleans(), label="token_mask")
-    truncate_every = draw(st.sampled_from([None, None, 1, 2, 3]), label="truncate_every")
-    seed = draw(seeds, label="seed")
-    rng = np.random.default_rng(seed)
-    D = H * dh
-    s = np.sqrt(3.0 / D)
-    params = {n: _uniform(rng, (D, D), s) for n in MEMFORMER_PARAMS if n != "v_bias"}
-    params["v_bias"] = _uniform(rng, (K, D))
-    m0 = rng.standard_normal((B, K, D))
-    m0 /= np.linalg.norm(m0, axis=-1, keepdims=True)
-    xs = _uniform(rng, (T, B, L, D))
-    if kind == "mse":
-        targets = _uniform(rng, (T, B, L, D))
-    else:
-        classes = int(rng.integers(2, 4))
-        params[HEAD_PARAM] = _uniform(rng, (D, classes), s)
-        targets = rng.integers(0, classes, size=(T, B, L))
-    resets = (rng.random((T, B)) < 0.3) if use_resets else None
-    mask = (rng.random((T, B, L)) < 0.7) if use_mask else None
-    label = f"memformer T={T} B={B} L={L} K={K} H={H} dh={dh} tau={tau} loss={kind} truncate_every={truncate_every} seed={seed}"
-    return RoutingCase(
-        "memformer", params, xs, m0, targets, MemoryConfig(slots=K, dim=D, heads=H, tau=tau),
-        Loss(kind, weights), resets, mask, truncate_every, label,
+    dims["C"] = draw(st.integers(2, 3), label="C") if kind == "xent" else 0
+    config = MemoryConfig(slots=dims["K"], dim=dims["H"] * dims["dh"], heads=dims["H"], tau=tau)
+    return RoutingLayout(
+        "memformer",
+        dims,
+        config,
+        Loss(kind, _weights(draw, T)),
+        resets=draw(st.booleans(), label="resets"),
+        token_mask=draw(st.booleans(), label="token_mask"),
+        truncate_every=draw(st.sampled_from([None, None, 1, 2, 3]), label="truncate_every"),
     )
 
 
 @st.composite
-def sab_cases(draw: st.DrawFn, *, max_steps: int = 6) -> RoutingCase:
-    """A small SAB rollout with drawn k_top, k_att, k_trunc, stop-gradient flags and loss."""
+def sab_layouts(draw: st.DrawFn, *, max_steps: int = 6) -> RoutingLayout:
+    """Sizes, SABConfig (k_top, k_att, k_trunc, stop-gradient flags) and loss of a SAB rollout."""
     T = draw(st.integers(1, max_steps), label="T")
-    B, I = draw(st.integers(1, 2), label="B"), draw(st.integers(1, 2), label="I")  # noqa: E741
-    Hd, A, O = draw(st.integers(1, 3), label="Hd"), draw(st.integers(1, 2), label="A"), draw(st.integers(1, 2), label="O")  # noqa: E741
+    dims = {
+        "T": T,
+        "B": draw(st.integers(1, 2), label="B"),
+        "I": draw(st.integers(1, 2), label="I"),
+        "Hd": draw(st.integers(1, 3), label="Hd"),
+        "A": draw(st.integers(1, 2), label="A"),
+        "O": draw(st.integers(1, 2), label="O"),
+    }
     config = SABConfig(
         k_top=draw(st.integers(1, 3), label="k_top"),
         k_att=draw(st.integers(1, 3), label="k_att"),
@@ -142,9 +192,45 @@ def sab_cases(draw: st.DrawFn, *, max_steps: int = 6) -> RoutingCase:
         include_h0_memory=draw(st.booleans(), label="include_h0_memory"),
     )
     kind = draw(st.sampled_from(["mse", "xent"]), label="loss")
-    weights = _weights(draw, T)
-    seed = draw(seeds, label="seed")
+    dims["C"] = draw(st.integers(2, 3), label="C") if kind == "xent" else 0
+    return RoutingLayout("sab", dims, config, Loss(kind, _weights(draw, T)))
+
+
+def build_case(layout: RoutingLayout, seed: int) -> RoutingCase:
+    """The rollout of ``layout`` with bounded float64 values drawn from ``seed``."""
     rng = np.random.default_rng(seed)
+    z = layout.dims
+    T, B, C = z["T"], z["B"], z["C"]
+    label = f"{layout.label} seed={seed}"
+    if layout.step == "memformer":
+        L, K, D = z["L"], z["K"], z["H"] * z["dh"]
+        s = np.sqrt(3.0 / D)
+        params = {n: _uniform(rng, (D, D), s) for n in MEMFORMER_PARAMS if n != "v_bias"}
+        params["v_bias"] = _uniform(rng, (K, D))
+        m0 = rng.standard_normal((B, K, D))
+        m0 /= np.linalg.norm(m0, axis=-1, keepdims=True)
+        xs = _uniform(rng, (T, B, L, D))
+        if layout.loss.kind == "mse":
+            targets = _uniform(rng, (T, B, L, D))
+        else:
+            params[HEAD_PARAM] = _uniform(rng, (D, C), s)
+            targets = rng.integers(0, C, size=(T, B, L))
+        resets = (rng.random((T, B)) < 0.3) if layout.resets else None
+        mask = (rng.random((T, B, L)) < 0.7) if layout.token_mask else None
+        return RoutingCase(
+            "memformer",
+            params,
+            xs,
+            m0,
+            targets,
+            layout.config,
+            layout.loss,
+            resets,
+            mask,
+            layout.truncate_every,
+            label,
+        )
+    I, Hd, A, O = z["I"], z["Hd"], z["A"], z["O"]
     params = {
         "lstm_w": _uniform(rng, (I + Hd, 4 * Hd), np.sqrt(3.0 / (I + Hd))),
         "lstm_b": _uniform(rng, (4 * Hd,), 0.5),
@@ -157,16 +243,21 @@ def sab_cases(draw: st.DrawFn, *, max_steps: int = 6) -> RoutingCase:
     }
     xs = _uniform(rng, (T, B, I))
     state0 = (_uniform(rng, (B, Hd), 0.5), _uniform(rng, (B, Hd), 0.5))
-    if kind == "mse":
+    if layout.loss.kind == "mse":
         targets = _uniform(rng, (T, B, O))
     else:
-        classes = int(rng.integers(2, 4))
-        params[HEAD_PARAM] = _uniform(rng, (O, classes), np.sqrt(3.0 / O))
-        targets = rng.integers(0, classes, size=(T, B))
-    label = (
-        f"sab T={T} B={B} I={I} Hd={Hd} A={A} O={O} k_top={config.k_top} k_att={config.k_att} "
-        f"k_trunc={config.k_trunc} threshold_grad={config.threshold_grad} "
-        f"block_score_grad={config.block_score_grad} include_h0_memory={config.include_h0_memory} "
-        f"loss={kind} seed={seed}"
-    )
-    return RoutingCase("sab", params, xs, state0, targets, config, Loss(kind, weights), label=label)
+        params[HEAD_PARAM] = _uniform(rng, (O, C), np.sqrt(3.0 / O))
+        targets = rng.integers(0, C, size=(T, B))
+    return RoutingCase("sab", params, xs, state0, targets, layout.config, layout.loss, label=label)
+
+
+@st.composite
+def memformer_cases(draw: st.DrawFn, *, max_steps: int = 4) -> RoutingCase:
+    """A small Memformer rollout: a drawn layout filled from a drawn seed."""
+    return build_case(draw(memformer_layouts(max_steps=max_steps)), draw(seeds, label="seed"))
+
+
+@st.composite
+def sab_cases(draw: st.DrawFn, *, max_steps: int = 6) -> RoutingCase:
+    """A small SAB rollout: a drawn layout filled from a drawn seed."""
+    return build_case(draw(sab_layouts(max_steps=max_steps)), draw(seeds, label="seed"))

@@ -30,7 +30,12 @@ STAGES = ("forward", "vjp", "routing")
 
 
 def _tol_value(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
     if not ok:
         raise MemcoreError(
             f"`{attribute.name}` must be a finite real number >= 0. Received: {attribute.name}={value!r}"
@@ -62,7 +67,9 @@ class Override:
     @reason.validator
     def _check_reason(self, attribute: attrs.Attribute, value: str) -> None:
         if not isinstance(value, str) or not value.strip():
-            raise MemcoreError(f"`reason` of a tolerance override must be a non-empty string. Received: {value!r}")
+            raise MemcoreError(
+                f"`reason` of a tolerance override must be a non-empty string. Received: {value!r}"
+            )
 
 
 # float64: the backend and the reference differ only by summation order, so a few ulps

@@ -59,7 +59,11 @@ class XfailList:
         """Warn (``UserWarning``) about each unmatched entry; return them."""
         stale = self.unmatched()
         for e in stale:
-            warnings.warn(f"xfail pattern {e.pattern!r} ({e.source}) matched no check", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"xfail pattern {e.pattern!r} ({e.source}) matched no check",
+                UserWarning,
+                stacklevel=2,
+            )
         return stale
 
 
@@ -107,4 +111,3 @@ def load_xfails(path: str | pathlib.Path | None) -> XfailList:
     if not p.is_file():
         raise MemcoreError(f"`xfails` must be an existing file. Received: {str(p)!r}")
     return parse_xfails(p.read_text().splitlines(), str(p))
-

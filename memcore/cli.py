@@ -24,24 +24,47 @@ USAGE_ERROR = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memcore", description="memcore: reference checks and backend conformance.")
+    p = argparse.ArgumentParser(
+        prog="memcore", description="memcore: reference checks and backend conformance."
+    )
     sub = p.add_subparsers(dest="command", metavar="{verify,backends}")
-    v = sub.add_parser("verify", help="self-check the reference and run the conformance suite on backends",
-                       description="Self-check the reference, then run the conformance suite on backends.")
-    v.add_argument("--backend", default=None,
-                   help="numpy | torch | jax | cupy | all | pkg.module:factory "
-                        "(default: the configured backend; 'all' = every installed one)")
-    v.add_argument("--dtype", default=None,
-                   help="comma-separated dtypes, e.g. float64,float32 (default: the backend's among those two)")
+    v = sub.add_parser(
+        "verify",
+        help="self-check the reference and run the conformance suite on backends",
+        description="Self-check the reference, then run the conformance suite on backends.",
+    )
+    v.add_argument(
+        "--backend",
+        default=None,
+        help="numpy | torch | jax | cupy | all | pkg.module:factory "
+        "(default: the configured backend; 'all' = every installed one)",
+    )
+    v.add_argument(
+        "--dtype",
+        default=None,
+        help="comma-separated dtypes, e.g. float64,float32 (default: the backend's among those two)",
+    )
     v.add_argument("--device", default=None, help="cpu | cuda:0 | ... (default cpu)")
-    v.add_argument("--profile", default=None, choices=("dev", "ci", "nightly"),
-                   help="examples per check: dev (fast), ci (derandomized, default), nightly (many)")
-    v.add_argument("--json", default=None, metavar="PATH", help="write the full JSON report to PATH")
-    v.add_argument("--xfails", default=None, metavar="FILE",
-                   help="xfail file (default: conformance/xfails/<backend>.txt when it exists)")
+    v.add_argument(
+        "--profile",
+        default=None,
+        choices=("dev", "ci", "nightly"),
+        help="examples per check: dev (fast), ci (derandomized, default), nightly (many)",
+    )
+    v.add_argument(
+        "--json", default=None, metavar="PATH", help="write the full JSON report to PATH"
+    )
+    v.add_argument(
+        "--xfails",
+        default=None,
+        metavar="FILE",
+        help="xfail file (default: conformance/xfails/<backend>.txt when it exists)",
+    )
     v.add_argument("--ops", default=None, help="comma-separated op names (default: every op)")
     v.add_argument("--no-routing", action="store_true", help="skip the routing equivalences")
-    v.add_argument("--no-self-check", action="store_true", help="skip the reference self-check tables")
+    v.add_argument(
+        "--no-self-check", action="store_true", help="skip the reference self-check tables"
+    )
     sub.add_parser("backends", help="list registered backends and whether they are installed")
     return p
 
@@ -68,7 +91,9 @@ def _backends_command() -> int:
     return 0
 
 
-def _load(names: Sequence[str], device: str | None, single: bool) -> tuple[list[tuple[str, Any, str]], int | None]:
+def _load(
+    names: Sequence[str], device: str | None, single: bool
+) -> tuple[list[tuple[str, Any, str]], int | None]:
     """(name, backend or None, error) per name; a usage-error exit code for a lone bad backend."""
     from memcore.conformance.runner import resolve_device
     from memcore.registry import get_backend
@@ -109,7 +134,9 @@ def _verify(args: argparse.Namespace, argv: Sequence[str]) -> int:
         dtypes = _split(args.dtype)
         for d in dtypes or ():
             if d not in CHECK_DTYPES:
-                raise MemcoreError(f"`--dtype` must be among {', '.join(CHECK_DTYPES)}. Received: {d!r}")
+                raise MemcoreError(
+                    f"`--dtype` must be among {', '.join(CHECK_DTYPES)}. Received: {d!r}"
+                )
         user_xfails = load_xfails(args.xfails) if args.xfails else None
     except MemcoreError as exc:
         return _usage(str(exc))
@@ -125,17 +152,26 @@ def _verify(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if not args.no_self_check:
         fd = selfcheck.fd_rows(ops, profile)
         self_check["finite_differences"] = [r.to_json() for r in fd]
-        print(selfcheck.format_rows(
-            "Reference self-check: each op's hand-written backward vs central finite differences "
-            f"(float64 dot-product test, pass when |err| <= {selfcheck.FD_ATOL:g} + {selfcheck.FD_RTOL:g} |value|)",
-            "op", fd))
+        print(
+            selfcheck.format_rows(
+                "Reference self-check: each op's hand-written backward vs central finite differences "
+                f"(float64 dot-product test, pass when |err| <= {selfcheck.FD_ATOL:g}"
+                f" + {selfcheck.FD_RTOL:g} |value|)",
+                "op",
+                fd,
+            )
+        )
         ok = ok and all(r.ok for r in fd)
         if not args.no_routing:
             rr = selfcheck.routing_rows(profile)
             self_check["routing"] = [r.to_json() for r in rr]
             if rr:
                 print()
-                print(selfcheck.format_rows("Reference routing equivalences (float64, rel < 1e-9)", "equivalence", rr))
+                print(
+                    selfcheck.format_rows(
+                        "Reference routing equivalences (float64, rel < 1e-9)", "equivalence", rr
+                    )
+                )
             ok = ok and all(r.ok for r in rr)
 
     records = []
@@ -143,8 +179,18 @@ def _verify(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print()
         if backend is None:
             print(f"Backend {name}: FAILED to load: {info}")
-            records.append(report.backend_record(name, None, device=args.device, dtypes=dtypes or [], numerics={},
-                                                 results=[], error=info, profile=profile))
+            records.append(
+                report.backend_record(
+                    name,
+                    None,
+                    device=args.device,
+                    dtypes=dtypes or [],
+                    numerics={},
+                    results=[],
+                    error=info,
+                    profile=profile,
+                )
+            )
             ok = False
             continue
         device = info
@@ -153,26 +199,48 @@ def _verify(args: argparse.Namespace, argv: Sequence[str]) -> int:
         xfails = user_xfails if user_xfails is not None else load_xfails(xfail_path)
         supported = tuple(backend.capabilities(device).dtypes)
         use = dtypes or [d for d in ("float64", "float32") if d in supported]
-        shown = {k: v for k, v in numerics.items() if k != "source"}
-        print(f"Backend {name} {getattr(backend, 'version', '')} on {device}, dtypes {', '.join(use)}, "
-              f"profile {profile}; numerics: {shown or 'default'} ({numerics.get('source')})")
-        if xfail_path:
-            print(f"xfails: {xfail_path}")
-        results = run_backend(backend, device=device, dtypes=use, profile=profile, ops=ops,
-                              routing=not args.no_routing, xfails=xfails,
-                              progress=report.Progress(f"{name}:{device}"))
+        shown = ", ".join(f"{k}={v}" for k, v in numerics.items() if k != "source")
+        print(
+            f"Backend {name} {getattr(backend, 'version', '')} on {device} | "
+            f"dtypes {', '.join(use)} | profile {profile}"
+        )
+        print(f"numerics: {shown or 'framework defaults'} [set by {numerics.get('source')}]")
+        print(f"xfails: {xfail_path or 'none'}")
+        results = run_backend(
+            backend,
+            device=device,
+            dtypes=use,
+            profile=profile,
+            ops=ops,
+            routing=not args.no_routing,
+            xfails=xfails,
+            progress=report.Progress(f"{name}:{device}"),
+        )
         print(report.format_table(results))
         counts = report.summary(results)
         print("summary: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
         for stale in xfails.unmatched():
             print(f"warning: xfail pattern {stale.pattern!r} ({stale.source}) matched no check")
         ok = ok and counts["failed"] == 0
-        records.append(report.backend_record(name, backend, device=device, dtypes=use, numerics=numerics,
-                                             results=results, profile=profile,
-                                             xfail_file=None if xfail_path is None else str(xfail_path)))
+        records.append(
+            report.backend_record(
+                name,
+                backend,
+                device=device,
+                dtypes=use,
+                numerics=numerics,
+                results=results,
+                profile=profile,
+                xfail_file=None if xfail_path is None else str(xfail_path),
+            )
+        )
     if args.json:
-        report.write_json(args.json, report.document(records, profile=profile, self_check=self_check,
-                                                     command=["memcore", *argv]))
+        report.write_json(
+            args.json,
+            report.document(
+                records, profile=profile, self_check=self_check, command=["memcore", *argv]
+            ),
+        )
         print(f"\nJSON report: {args.json}")
     print("\nverify: " + ("PASSED" if ok else "FAILED"))
     return 0 if ok else 1
