@@ -21,11 +21,16 @@ HALF_DTYPES = (jnp.float16, jnp.bfloat16)
 
 def compute_dtype(dtype: Any) -> Any:
     """float32 for half types, the dtype itself otherwise."""
-    return jnp.float32 if jnp.dtype(dtype) in [jnp.dtype(d) for d in HALF_DTYPES] else jnp.dtype(dtype)
+    return (
+        jnp.float32 if jnp.dtype(dtype) in [jnp.dtype(d) for d in HALF_DTYPES] else jnp.dtype(dtype)
+    )
 
 
 def _is_half(x: Any) -> bool:
-    return hasattr(x, "dtype") and jnp.dtype(x.dtype) in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+    return hasattr(x, "dtype") and jnp.dtype(x.dtype) in (
+        jnp.dtype(jnp.float16),
+        jnp.dtype(jnp.bfloat16),
+    )
 
 
 def upcast_halves(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -42,7 +47,9 @@ def upcast_halves(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*inputs, **attributes)
         up = tuple(x.astype(jnp.float32) if _is_half(x) else x for x in inputs)
         out = fn(*up, **attributes)
-        return jax.tree_util.tree_map(lambda y: y.astype(half) if jnp.issubdtype(y.dtype, jnp.floating) else y, out)
+        return jax.tree_util.tree_map(
+            lambda y: y.astype(half) if jnp.issubdtype(y.dtype, jnp.floating) else y, out
+        )
 
     return wrapped
 

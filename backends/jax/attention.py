@@ -11,7 +11,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-
 from memcore.backends.jax._common import merge_heads, softmax, split_heads, upcast_halves
 
 __all__ = ["memory_read", "slot_attention"]
@@ -38,7 +37,9 @@ def memory_read(x, memory, wq, wk, wv, wo, *, num_heads: int) -> jax.Array:
 
 
 @upcast_halves
-def slot_attention(memory, x, wq, wk, wv, *, num_heads: int, tau: float = 0.25, token_mask=None) -> jax.Array:
+def slot_attention(
+    memory, x, wq, wk, wv, *, num_heads: int, tau: float = 0.25, token_mask=None
+) -> jax.Array:
     """Slot attention write (Memformer Eq. 4-8): slot i attends to [itself; tokens].
 
     Args:

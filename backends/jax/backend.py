@@ -13,12 +13,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from memcore.backends.jax import routing
 from memcore.backends.jax.attention import memory_read, slot_attention
 from memcore.backends.jax.lstm import lstm_cell
 from memcore.backends.jax.memory import bmn, memory_init, memory_reset, memory_write
 from memcore.backends.jax.sab import sab_scores, sparse_retrieve, sparsify
+
 from memcore.errors import MemcoreError
 from memcore.ops import OPS
 from memcore.opspec import Tensor
@@ -41,7 +41,9 @@ OP_FUNCTIONS = {
 assert set(OP_FUNCTIONS) == set(OPS), "every registered op needs a JAX implementation"
 
 
-def _split(op: str, attributes: dict[str, Any]) -> tuple[tuple[tuple[str, Any], ...], dict[str, Any]]:
+def _split(
+    op: str, attributes: dict[str, Any]
+) -> tuple[tuple[tuple[str, Any], ...], dict[str, Any]]:
     """Scalar attributes (static, hashable) and array attributes (traced)."""
     arrays = {a.name for a in OPS[op].attributes if isinstance(a, Tensor)}
     static = tuple(sorted((k, v) for k, v in attributes.items() if k not in arrays))
@@ -71,14 +73,18 @@ class JaxBackend(BackendBase):
 
     # ------------------------------------------------------------------ devices
     def devices(self) -> tuple[str, ...]:
-        """"cpu" plus "cuda:N" for each NVIDIA GPU ("gpu:N" for other GPU platforms)."""
+        """ "cpu" plus "cuda:N" for each NVIDIA GPU ("gpu:N" for other GPU platforms)."""
         out = ["cpu"]
         try:
             gpus = jax.devices("gpu")
         except RuntimeError:
             gpus = []
         for i, d in enumerate(gpus):
-            kind = "cuda" if "nvidia" in str(getattr(d, "device_kind", "")).lower() or d.platform == "cuda" else "gpu"
+            kind = (
+                "cuda"
+                if "nvidia" in str(getattr(d, "device_kind", "")).lower() or d.platform == "cuda"
+                else "gpu"
+            )
             out.append(f"{kind}:{i}")
         return tuple(out)
 
@@ -119,13 +125,16 @@ class JaxBackend(BackendBase):
         return self.numerics_settings()
 
     # ------------------------------------------------------------------ arrays
-    def from_numpy(self, x: np.ndarray, *, dtype: str | None = None, device: str | None = None) -> Any:
+    def from_numpy(
+        self, x: np.ndarray, *, dtype: str | None = None, device: str | None = None
+    ) -> Any:
         arr = np.asarray(x)
         want = np.dtype(dtype) if dtype is not None and dtype != "bfloat16" else arr.dtype
         if str(dtype) == "float64" or (dtype is None and arr.dtype == np.float64):
             if not self.x64_enabled():
                 raise MemcoreError(
-                    "`dtype` float64 needs jax_enable_x64 (set JAX_ENABLE_X64=1 before importing jax). "
+                    "`dtype` float64 needs jax_enable_x64 "
+                    "(set JAX_ENABLE_X64=1 before importing jax). "
                     f"Received: dtype={dtype or arr.dtype}, jax_enable_x64=False"
                 )
         if dtype == "bfloat16":

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
 from memcore.backends.jax._common import upcast_halves
 from memcore.backends.jax.attention import slot_attention
 
@@ -46,7 +45,9 @@ def bmn(m, v_bias) -> jax.Array:
 
 
 @upcast_halves
-def memory_write(memory, x, wq, wk, wv, v_bias, *, num_heads: int, tau: float = 0.25, token_mask=None):
+def memory_write(
+    memory, x, wq, wk, wv, v_bias, *, num_heads: int, tau: float = 0.25, token_mask=None
+):
     """bmn(slot_attention(memory, x, wq, wk, wv), v_bias): (B, K, D)."""
     m = slot_attention(memory, x, wq, wk, wv, num_heads=num_heads, tau=tau, token_mask=token_mask)
     return normalize(m + v_bias)

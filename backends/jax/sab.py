@@ -9,10 +9,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
-
 from memcore.backends.jax._common import upcast_halves
 
-__all__ = ["kth_largest", "relu0", "sab_scores", "sparse_retrieve", "sparsify", "sparsify_threshold"]
+__all__ = [
+    "kth_largest",
+    "relu0",
+    "sab_scores",
+    "sparse_retrieve",
+    "sparsify",
+    "sparsify_threshold",
+]
 
 
 @upcast_halves
@@ -64,8 +70,14 @@ def sparsify(scores, *, k_top: int, eps: float = 1e-7, threshold_grad: bool = Fa
     n = scores.shape[-1]
     if n == 0:
         return jnp.zeros_like(scores)
-    thr = sparsify_threshold(scores, min(k_top + 1, n), threshold_grad)
-    z = relu0(scores - thr)
+    k = min(k_top + 1, n)
+    thr = sparsify_threshold(scores, k, threshold_grad)
+    # Which entries are active is decided by comparing values, not by the sign of
+    # scores - thr: XLA may fuse the scores' last multiply into that subtraction as an FMA,
+    # which leaves the threshold entry itself a sub-ulp z instead of exactly 0. Inactive
+    # entries (the threshold and below) get z = 0 and derivative 0 (relu'(0) = 0).
+    active = scores > lax.stop_gradient(kth_largest(scores, k))
+    z = jnp.where(active, scores - thr, jnp.zeros_like(scores))
     denom = jnp.sum(z, axis=-1, keepdims=True) + eps
     denom = jnp.where(denom > 0, denom, jnp.ones_like(denom))
     return z / denom
@@ -73,8 +85,16 @@ def sparsify(scores, *, k_top: int, eps: float = 1e-7, threshold_grad: bool = Fa
 
 @upcast_halves
 def sparse_retrieve(
-    h_hat, memories, w1, w2, w3, *, k_top: int, eps: float = 1e-7,
-    threshold_grad: bool = False, block_score_grad: bool = False,
+    h_hat,
+    memories,
+    w1,
+    w2,
+    w3,
+    *,
+    k_top: int,
+    eps: float = 1e-7,
+    threshold_grad: bool = False,
+    block_score_grad: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """s = sum_i w_i m_i with w = sparsify(sab_scores(h_hat, memories)).
 
