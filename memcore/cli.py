@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--backend",
         default=None,
-        help="numpy | torch | jax | cupy | all | pkg.module:factory "
+        help="numpy | torch | jax | cupy | all | pkg.module:factory, or a comma-separated list "
         "(default: the configured backend; 'all' = every installed one)",
     )
     v.add_argument(
@@ -62,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--ops", default=None, help="comma-separated op names (default: every op)")
     v.add_argument("--no-routing", action="store_true", help="skip the routing equivalences")
+    v.add_argument(
+        "--cross",
+        default=None,
+        metavar="A,B",
+        help="also compare two backends with each other on the same inputs "
+        "(default when several backends are verified: every pair of native-autodiff backends; "
+        "'none' to skip)",
+    )
     v.add_argument(
         "--no-self-check", action="store_true", help="skip the reference self-check tables"
     )
@@ -142,8 +150,8 @@ def _verify(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return _usage(str(exc))
 
     chosen = args.backend or resolve_backend_name()
-    names = available_backends() if chosen == "all" else [chosen]
-    loaded, code = _load(names, args.device, single=chosen != "all")
+    names = available_backends() if chosen == "all" else (_split(chosen) or [chosen])
+    loaded, code = _load(names, args.device, single=len(names) == 1 and chosen != "all")
     if code is not None:
         return code
 
@@ -234,6 +242,14 @@ def _verify(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 xfail_file=None if xfail_path is None else str(xfail_path),
             )
         )
+    cross = _cross(args, loaded, dtypes, profile)
+    if cross:
+        print("\nCross-framework agreement (same inputs, tolerance = 2x the dtype's vjp/routing row)")
+        print(report.format_table(cross))
+        ok = ok and not any(r.failed for r in cross)
+        self_check["cross"] = [
+            {**report.result_record(r), "ok": not r.failed} for r in cross
+        ]
     if args.json:
         report.write_json(
             args.json,
@@ -244,6 +260,38 @@ def _verify(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"\nJSON report: {args.json}")
     print("\nverify: " + ("PASSED" if ok else "FAILED"))
     return 0 if ok else 1
+
+
+def _cross(
+    args: argparse.Namespace, loaded: list[tuple[str, Any, str]], dtypes: list[str] | None, profile: str
+) -> list[Any]:
+    """Cross-framework results for the pairs asked for (see ``--cross``)."""
+    from memcore.conformance.cross import cross_check
+
+    if args.cross == "none":
+        return []
+    ready = {name: (b, dev) for name, b, dev in loaded if b is not None}
+    if args.cross:
+        names = _split(args.cross) or []
+        pairs = [(names[0], names[1])] if len(names) == 2 else []
+        missing = [n for n in names if n not in ready]
+        if len(names) != 2 or missing:
+            print(f"--cross: needs two verified backends; received {args.cross!r}", file=sys.stderr)
+            return []
+    elif len(ready) > 1:
+        # Pairs of backends whose gradients come from their own autodiff (torch, jax):
+        # the hand-written ones all run the reference's backward.
+        native = sorted(n for n, (b, d) in ready.items() if b.capabilities(d).autodiff == "native")
+        pairs = [(x, y) for i, x in enumerate(native) for y in native[i + 1 :]]
+    else:
+        return []
+    out = []
+    for x, y in pairs:
+        (bx, dx), (by, dy) = ready[x], ready[y]
+        common = [d for d in ("float64", "float32") if d in bx.capabilities(dx).dtypes and d in by.capabilities(dy).dtypes]
+        use = [d for d in (dtypes or common) if d in common]
+        out += cross_check(bx, by, devices=(dx, dy), dtypes=use, profile=profile, ops=_split(args.ops), routing=not args.no_routing)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

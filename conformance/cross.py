@@ -1,0 +1,137 @@
+"""Cross-framework checks: two backends on the same inputs, compared with each other.
+
+Each backend is already measured against the reference; this pins that they also agree
+with each other (e.g. torch vs jax), for every op's forward and VJP (same cotangents) and
+for the routing drivers (MRBP for Memformer, sparse replay for SAB). Both sides see the
+same float64 draws cast down to the working dtype; the tolerance is twice the dtype's
+VJP (or routing) row, since each side carries its own error against the reference.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from hypothesis import strategies as st
+
+from memcore.conformance.checks import host, to_backend
+from memcore.conformance.compare import Comparison, compare, failure, worst
+from memcore.conformance.routing_checks import _call, _inputs, compare_results
+from memcore.conformance.runner import EXAMPLES, CheckResult, drive
+from memcore.conformance.strategies import build_case, memformer_layouts, sab_layouts, seeds, sizes
+from memcore.conformance.tolerances import Tol, tolerance
+from memcore.ops import OPS, get_op
+
+__all__ = ["cross_check"]
+
+_ROUTING = {"memformer": ("mrbp", memformer_layouts), "sab": ("sab_sparse_replay", sab_layouts)}
+
+
+def _doubled(t: Tol) -> Tol:
+    return Tol(rtol=2 * t.rtol, atol=2 * t.atol)
+
+
+def _tuple(x: Any) -> tuple[Any, ...]:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _op_example(a: Any, b: Any, op: str, dtype: str, devs: tuple[str, str], sample: Any, seed: int) -> list[Comparison]:
+    spec = get_op(op)
+    tol = _doubled(tolerance(op, dtype, "vjp"))
+    sides = []
+    rng = np.random.default_rng(seed)
+    outs64 = None
+    for backend, dev in ((a, devs[0]), (b, devs[1])):
+        ins = tuple(to_backend(backend, x, dtype, dev) for x in sample.inputs)
+        at = {k: to_backend(backend, v, dtype, dev) for k, v in sample.attrs.items()}
+        out = _tuple(backend.forward(op, *ins, **at))
+        if outs64 is None:
+            outs64 = [host(backend, o) for o in out]
+            cts = [rng.standard_normal(o.shape) for o in outs64]
+        ct = [to_backend(backend, c, dtype, dev) for c in cts]
+        _, grads = backend.vjp(op, ins, at, tuple(ct) if spec.multi_output else ct[0])
+        sides.append((backend, out, _tuple(grads)))
+    (ba, oa, ga), (bb, ob, gb) = sides
+    comps = [compare(f"out[{n}]", host(ba, x), host(bb, y), tol) for (n, _), x, y in zip(spec.outputs, oa, ob)]
+    for t, x, y in zip(spec.inputs, ga, gb):
+        if x is None and y is None:
+            continue
+        if x is None or y is None:
+            comps.append(failure(f"grad[{t.name}]", "one side returned None", tol))
+            continue
+        comps.append(compare(f"grad[{t.name}]", host(ba, x), host(bb, y), tol))
+    return comps
+
+
+def _result(pair: str, dev: str, dtype: str, op: str, check: str, comps: list[Comparison],
+            examples: int, message: str, seconds: float) -> CheckResult:
+    ok = not message and all(c.ok for c in comps)
+    if not message and not ok:
+        message = next(c for c in comps if not c.ok).describe()
+    return CheckResult(
+        f"{pair}-{dev}-{dtype}-{op}-{check}", pair, dev, dtype, op, check,
+        "passed" if ok else "failed", message, examples, worst(comps), "", seconds,
+    )
+
+
+def cross_check(a: Any, b: Any, *, devices: tuple[str, str], dtypes: list[str], profile: str,
+                ops: list[str] | None = None, routing: bool = True) -> list[CheckResult]:
+    """Compare backends ``a`` and ``b`` on the same draws for every op (or ``ops``) and,
+    with ``routing``, the MRBP and sparse-replay drivers."""
+    pair = f"{a.name}~{b.name}"
+    dev = devices[0] if devices[0] == devices[1] else f"{devices[0]}~{devices[1]}"
+    results: list[CheckResult] = []
+    for dtype in dtypes:
+        for op in ops or list(OPS):
+            results.append(_op_unit(a, b, op, dtype, devices, pair, dev, profile))
+        for step, (method, layout_strategy) in (_ROUTING.items() if routing else ()):
+            results.append(_routing_unit(a, b, step, method, layout_strategy, dtype, devices, pair, dev, profile))
+    return results
+
+
+def _op_unit(a: Any, b: Any, op: str, dtype: str, devices: tuple[str, str], pair: str, dev: str,
+             profile: str) -> CheckResult:
+    layouts, per = EXAMPLES[profile]["op"]
+    comps: list[Comparison] = []
+    state = {"n": 0, "msg": ""}
+    start = time.perf_counter()
+
+    def body(drawn: Any) -> None:
+        z, seed = drawn
+        for k in range(per):
+            sample = get_op(op).sample(np.random.default_rng(seed + k), z, "float64")
+            try:
+                comps.extend(_op_example(a, b, op, dtype, devices, sample, seed + k))
+            except Exception as exc:  # noqa: BLE001 - reported as the check's failure
+                state["msg"] = state["msg"] or f"{type(exc).__name__}: {exc}"
+            state["n"] += 1
+
+    drive(st.tuples(sizes(), seeds), layouts, profile, body)
+    return _result(pair, dev, dtype, op, "cross_vjp", comps, int(state["n"]), str(state["msg"]),
+                   time.perf_counter() - start)
+
+
+def _routing_unit(a: Any, b: Any, step: str, method: str, layout_strategy: Any, dtype: str,
+                  devices: tuple[str, str], pair: str, dev: str, profile: str) -> CheckResult:
+    layouts, per = EXAMPLES[profile]["routing"]
+    comps: list[Comparison] = []
+    state = {"n": 0, "msg": ""}
+    start = time.perf_counter()
+    tol = _doubled(tolerance(step, dtype, "routing"))
+
+    def body(drawn: Any) -> None:
+        layout, seed = drawn
+        for k in range(per):
+            case = build_case(layout, seed + k)
+            try:
+                got = _call(a, method, case, _inputs(a, case, dtype, devices[0]))
+                want = _call(b, method, case, _inputs(b, case, dtype, devices[1]))
+                comps.extend(compare_results(a, got, want, b, tol))
+            except Exception as exc:  # noqa: BLE001
+                state["msg"] = state["msg"] or f"{type(exc).__name__}: {exc}"
+            state["n"] += 1
+
+    drive(st.tuples(layout_strategy(), seeds), layouts, profile, body)
+    return _result(pair, dev, dtype, step, f"cross_{method}", comps, int(state["n"]), str(state["msg"]),
+                   time.perf_counter() - start)
