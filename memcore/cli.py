@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--dtype",
         default=None,
-        help="comma-separated dtypes, e.g. float64,float32 (default: the backend's among those two)",
+        help="comma-separated dtypes (default: float64,float32; ones the backend lacks are skipped with the reason)",
     )
     v.add_argument("--device", default=None, help="cpu | cuda:0 | ... (default cpu)")
     v.add_argument(
@@ -73,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--no-self-check", action="store_true", help="skip the reference self-check tables"
     )
-    sub.add_parser("backends", help="list registered backends and whether they are installed")
+    b = sub.add_parser("backends", help="list registered backends: availability, version, devices")
+    b.add_argument("--load", action="store_true", help="import each available backend to list its devices")
+    b.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
 
@@ -88,14 +90,13 @@ def _usage(message: str) -> int:
     return USAGE_ERROR
 
 
-def _backends_command() -> int:
-    from memcore.registry import registered_backends
+def _backends_command(args: argparse.Namespace) -> int:
+    import json
 
-    entries = registered_backends()
-    width = max(len(n) for n in entries)
-    for name, e in sorted(entries.items()):
-        status = "available" if e.importable() else f"not installed (needs {', '.join(e.requires)})"
-        print(f"{name.ljust(width)}  {status:<32}  {e.target}")
+    from memcore.registry import describe_backends, format_backends
+
+    rows = describe_backends(load=args.load)
+    print(json.dumps([r.to_json() for r in rows], indent=2) if args.json else format_backends(rows))
     return 0
 
 
@@ -205,8 +206,8 @@ def _verify(args: argparse.Namespace, argv: Sequence[str]) -> int:
         numerics = pin_numerics(backend)
         xfail_path = args.xfails or bundled_xfail_file(backend.name)
         xfails = user_xfails if user_xfails is not None else load_xfails(xfail_path)
-        supported = tuple(backend.capabilities(device).dtypes)
-        use = dtypes or [d for d in ("float64", "float32") if d in supported]
+        # float64 and float32 by default, so a device without float64 shows its skips.
+        use = dtypes or ["float64", "float32"]
         shown = ", ".join(f"{k}={v}" for k, v in numerics.items() if k != "source")
         print(
             f"Backend {name} {getattr(backend, 'version', '')} on {device} | "
@@ -299,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     if args.command == "backends":
-        return _backends_command()
+        return _backends_command(args)
     if args.command == "verify":
         return _verify(args, argv)
     _parser().print_help()

@@ -35,8 +35,9 @@ _SYMBOL = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
 
 
 def dtype_name(x: Any) -> str:
-    """Framework-neutral dtype name: 'float32' for numpy, torch, jax and cupy alike."""
-    return str(getattr(x, "dtype", "")).removeprefix("torch.")
+    """Framework-neutral dtype name: 'float32' for numpy, torch, jax, cupy and Array API
+    libraries alike (torch and array-api-strict prefix the name with their module)."""
+    return str(getattr(x, "dtype", "")).rsplit(".", 1)[-1]
 
 
 @attrs.frozen

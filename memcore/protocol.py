@@ -3,6 +3,15 @@
 A backend exposes every op of :data:`memcore.ops.OPS` through ``forward`` and ``vjp``,
 converts arrays to and from NumPy, names its devices and declares its capabilities.
 :class:`BackendBase` supplies validation and the ``backend.<op>(...)`` shortcuts.
+
+Helpers that work on any backend (``docs/porting.md`` describes the contract):
+
+* :func:`list_devices`: the backend's device names, checked.
+* :func:`probe_float64`: allocate a float64 array on a device and check that it really is
+  float64 (a device may lack it, or a framework may silently compute in float32).
+* :func:`capability_flags`: declared capabilities, the probe and the routing methods.
+* :func:`to_dlpack_capable`, :func:`from_dlpack`, :func:`transfer`: move arrays between
+  backends through DLPack when both sides can, else through a NumPy copy on the host.
 """
 
 from __future__ import annotations
@@ -16,9 +25,24 @@ import numpy as np
 from memcore.errors import MemcoreError
 from memcore.ops import OPS, get_op
 from memcore.options import get_options
+from memcore.opspec import dtype_name
 
-__all__ = ["Backend", "BackendBase", "Capabilities"]
+__all__ = [
+    "ROUTING_METHODS",
+    "Backend",
+    "BackendBase",
+    "Capabilities",
+    "Transfer",
+    "capability_flags",
+    "from_dlpack",
+    "list_devices",
+    "probe_float64",
+    "protocol_gaps",
+    "to_dlpack_capable",
+    "transfer",
+]
 
+ROUTING_METHODS = ("bptt", "mrbp", "sab_bptt", "sab_sparse_replay")
 
 @attrs.frozen
 class Capabilities:
@@ -37,7 +61,17 @@ class Capabilities:
 
     @property
     def float64(self) -> bool:
+        """Whether float64 is among the declared dtypes (see :func:`probe_float64`)."""
         return "float64" in self.dtypes
+
+    def flags(self) -> dict[str, Any]:
+        """The capabilities as plain data, for reports."""
+        return {
+            "dtypes": list(self.dtypes),
+            "float64": self.float64,
+            "autodiff": self.autodiff,
+            "dlpack": self.dlpack,
+        }
 
 
 @runtime_checkable
@@ -129,3 +163,156 @@ class BackendBase:
 
     def __repr__(self) -> str:
         return f"<memcore backend {self.name!r} {self.version}>"
+
+
+# ------------------------------------------------------------------ devices and float64
+def list_devices(backend: Any) -> tuple[str, ...]:
+    """``backend.devices()``, checked: a non-empty tuple of distinct non-empty strings.
+
+    Raises:
+        MemcoreError: the backend lists no device, or a name that is not a string.
+    """
+    devices = tuple(backend.devices())
+    name = getattr(backend, "name", type(backend).__name__)
+    ok = (
+        bool(devices)
+        and all(isinstance(d, str) and d for d in devices)
+        and len(set(devices)) == len(devices)
+    )
+    if not ok:
+        raise MemcoreError(
+            f"`devices()` of backend {name!r} must return distinct non-empty device names. "
+            f"Received: {devices!r}"
+        )
+    return devices
+
+
+# 1 + 2**-40 needs 41 mantissa bits: float32 (24) rounds it to 1, float64 (53) keeps it.
+_PROBE = np.array([1.0 + 2.0**-40, -3.0 - 2.0**-45], dtype=np.float64)
+
+
+def probe_float64(backend: Any, device: str | None = None) -> bool:
+    """Whether ``device`` really holds float64: allocate, read back, compare bit for bit.
+
+    The probe puts two values that float32 cannot represent on the device with
+    ``from_numpy(..., dtype="float64")``, then requires the array's dtype to read
+    "float64" and ``to_numpy`` to return exactly those values. Any exception (a device
+    without float64 refusing the dtype) counts as no float64. It never consults
+    ``capabilities()``, so a backend may call it from there.
+    """
+    try:
+        x = backend.from_numpy(_PROBE, dtype="float64", device=device)
+        if dtype_name(x) != "float64":
+            return False  # e.g. JAX without jax_enable_x64 hands back float32
+        back = np.asarray(backend.to_numpy(x))
+    except Exception:  # noqa: BLE001 - refusing float64 in any way means "no float64"
+        return False
+    return back.dtype == np.float64 and back.shape == _PROBE.shape and bool(np.all(back == _PROBE))
+
+
+def protocol_gaps(backend: Any) -> list[str]:
+    """The protocol members ``backend`` lacks (empty when it has them all).
+
+    Required: ``name``, ``version``, ``devices``, ``capabilities``, ``from_numpy``,
+    ``to_numpy``, ``forward``, ``vjp`` and the routing methods of :data:`ROUTING_METHODS`.
+    """
+    gaps = [a for a in ("name", "version") if not isinstance(getattr(backend, a, None), str)]
+    methods = ("devices", "capabilities", "from_numpy", "to_numpy", "forward", "vjp")
+    gaps += [m for m in methods + ROUTING_METHODS if not callable(getattr(backend, m, None))]
+    return gaps
+
+
+def capability_flags(backend: Any, device: str | None = None) -> dict[str, Any]:
+    """Declared capabilities on ``device``, the float64 probe, and the routing methods present.
+
+    ``float64_declared`` and ``float64_probed`` disagree when a backend declares float64
+    that the device does not deliver (or the reverse): the conformance suite trusts the
+    declaration, so that is a bug to fix in ``capabilities()``.
+    """
+    caps = backend.capabilities(device)
+    return {
+        **caps.flags(),
+        "float64_declared": caps.float64,
+        "float64_probed": probe_float64(backend, device),
+        "routing": [m for m in ROUTING_METHODS if callable(getattr(backend, m, None))],
+    }
+
+
+# ------------------------------------------------------------------ DLPack
+def _exports_dlpack(x: Any) -> bool:
+    return callable(getattr(x, "__dlpack__", None)) and callable(
+        getattr(x, "__dlpack_device__", None)
+    )
+
+
+def to_dlpack_capable(backend: Any, x: Any) -> Any:
+    """``x`` itself when it exports DLPack and the backend declares DLPack support on the
+    array's device, else a NumPy copy on the host (``backend.to_numpy``), which exports it.
+
+    The result may share memory with ``x``: read it, never write into it.
+    """
+    if _exports_dlpack(x):
+        device_of = getattr(type(backend), "device_of", None)
+        device = backend.device_of(x) if device_of is not None else None
+        try:
+            if backend.capabilities(device).dlpack:
+                return x
+        except MemcoreError:
+            pass  # a device name the backend does not list: take the host path
+    return np.asarray(backend.to_numpy(x))
+
+
+def _host_copy(obj: Any, source: Any) -> np.ndarray:
+    if source is not None:
+        return np.asarray(source.to_numpy(obj))
+    if isinstance(obj, np.ndarray):
+        return obj
+    if _exports_dlpack(obj):
+        try:
+            return np.from_dlpack(obj)
+        except (BufferError, RuntimeError, TypeError, ValueError):
+            pass  # not on the host: np.asarray below is the last resort
+    return np.asarray(obj)
+
+
+@attrs.frozen
+class Transfer:
+    """An array moved to a backend and the route it took: "dlpack" or "host"."""
+
+    array: Any
+    route: str
+
+
+def transfer(x: Any, target: Any, *, source: Any = None, device: str | None = None) -> Transfer:
+    """Move ``x`` onto ``target`` (on ``device``), through DLPack when possible.
+
+    Args:
+        x: an array of ``source`` (or any object exporting DLPack, or a NumPy array).
+        target: the receiving backend. DLPack is tried when it declares
+            ``capabilities(device).dlpack`` and has a ``from_dlpack(obj, *, device)`` hook.
+        source: the backend ``x`` belongs to; its ``to_numpy`` makes the host copy when
+            DLPack fails or is unavailable (default: NumPy's own conversion).
+        device: a device name of ``target`` (default: its default device).
+
+    Returns:
+        Transfer(array, route): route "dlpack" (the array may share memory with ``x``)
+        or "host" (a copy through NumPy). The dtype is kept either way.
+    """
+    obj = to_dlpack_capable(source, x) if source is not None else x
+    hook = getattr(target, "from_dlpack", None)
+    if callable(hook) and _exports_dlpack(obj) and target.capabilities(device).dlpack:
+        try:
+            return Transfer(hook(obj, device=device), "dlpack")
+        except (BufferError, RuntimeError, TypeError, ValueError):
+            pass  # e.g. a device pair DLPack cannot bridge: copy through the host
+    host = _host_copy(obj, None if obj is not x else source)
+    return Transfer(target.from_numpy(host, device=device), "host")
+
+
+def from_dlpack(backend: Any, obj: Any, *, device: str | None = None) -> Any:
+    """``obj`` (anything exporting DLPack, or a NumPy array) as an array of ``backend``:
+    through DLPack when the backend can import it, else through a host copy.
+
+    The DLPack route may share memory with ``obj``; see :func:`transfer`.
+    """
+    return transfer(obj, backend, device=device).array

@@ -8,7 +8,14 @@ Choice of backend, first match wins:
      ``[tool.memcore] backend = "..."`` in ``pyproject.toml`` there;
   5. ``"numpy"``, the reference.
 
-Nothing here imports torch, jax or cupy; several backends live in one process.
+Where names come from: the ``memcore.backends`` entry-point group (name ->
+``"module:factory"``), which our own backends use too (pyproject.toml), and
+:data:`_BUILTIN`, the same table for a source checkout that is not installed. An entry
+point takes precedence over a built-in of the same name: identical targets (ours) keep the
+built-in's framework requirement; a different target replaces the built-in. Entry points
+are read from package metadata, so listing or describing backends imports none of them.
+
+Nothing here imports torch, jax, cupy or array_api_strict; several backends live in one process.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import os
 import pathlib
 import threading
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -31,7 +38,10 @@ from memcore.errors import MemcoreError
 
 __all__ = [
     "BackendEntry",
+    "BackendInfo",
     "available_backends",
+    "describe_backends",
+    "format_backends",
     "get_backend",
     "registered_backends",
     "resolve_backend_name",
@@ -49,12 +59,15 @@ class BackendEntry:
     Attributes:
         name: the registry name, e.g. "torch".
         target: "module:factory", imported on first use.
-        requires: top-level modules that must be importable (checked without importing).
+        requires: top-level modules that must be importable (checked without importing);
+            the first one is the framework whose version :func:`describe_backends` reports.
+        source: "built-in" or "entry point (<distribution>)".
     """
 
     name: str
     target: str
     requires: tuple[str, ...] = ()
+    source: str = "built-in"
 
     def importable(self) -> bool:
         """True when every required module can be found (find_spec does not import it)."""
@@ -66,6 +79,7 @@ _BUILTIN = (
     BackendEntry("torch", "memcore.backends.torch:TorchBackend", ("torch",)),
     BackendEntry("jax", "memcore.backends.jax:JaxBackend", ("jax",)),
     BackendEntry("cupy", "memcore.backends.cupy:CupyBackend", ("cupy",)),
+    BackendEntry("array_api", "memcore.backends.array_api:default_backend", ("array_api_strict",)),
 )
 
 _context: contextvars.ContextVar[str | None] = contextvars.ContextVar("memcore_backend", default=None)
@@ -74,12 +88,23 @@ _lock = threading.Lock()
 
 
 def registered_backends() -> dict[str, BackendEntry]:
-    """Every backend memcore knows by name: built-ins plus ``memcore.backends`` entry points."""
-    entries = {e.name: e for e in _BUILTIN}
+    """Every backend memcore knows by name: ``memcore.backends`` entry points, then the
+    built-in table for names no entry point provides (see the module docstring)."""
+    builtin = {e.name: e for e in _BUILTIN}
+    entries = dict(builtin)
+    claimed: set[str] = set()
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in entries:
+        if ep.name in claimed:
+            continue  # two distributions claim one name: the first found keeps it
+        claimed.add(ep.name)
+        dist = getattr(getattr(ep, "dist", None), "name", None) or "unknown distribution"
+        source = f"entry point ({dist})"
+        known = builtin.get(ep.name)
+        if known is not None and known.target == ep.value:
+            entries[ep.name] = attrs.evolve(known, source=source)
+        else:
             top = ep.value.split(":")[0].split(".")[0]
-            entries[ep.name] = BackendEntry(ep.name, ep.value, (top,))
+            entries[ep.name] = BackendEntry(ep.name, ep.value, (top,), source)
     return entries
 
 
@@ -206,3 +231,97 @@ def use_backend(name: str) -> Iterator[Any]:
         yield backend
     finally:
         _context.reset(token)
+
+
+# ------------------------------------------------------------------ describing backends
+@attrs.frozen
+class BackendInfo:
+    """One row of ``memcore backends``.
+
+    Attributes:
+        name: the registry name.
+        target: "module:factory".
+        source: "built-in" or "entry point (<distribution>)".
+        available: every required module is importable (found, not imported).
+        version: the framework's installed version from package metadata, or None.
+        devices: the backend's device names when it is loaded (or ``load=True``), else None.
+        error: why loading failed (``load=True`` only), else "".
+    """
+
+    name: str
+    target: str
+    source: str
+    available: bool
+    version: str | None
+    devices: tuple[str, ...] | None = None
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as plain data (devices as a list, or None)."""
+        out = attrs.asdict(self)
+        out["devices"] = None if self.devices is None else list(self.devices)
+        return out
+
+
+def _framework_version(entry: BackendEntry, owners: Mapping[str, list[str]]) -> str | None:
+    """The installed version of the distribution providing ``entry.requires[0]``."""
+    if not entry.requires:
+        return None
+    for dist in owners.get(entry.requires[0], []) or [entry.requires[0]]:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def describe_backends(load: bool = False) -> list[BackendInfo]:
+    """Every registered backend, sorted by name, for ``memcore backends``.
+
+    Nothing is imported unless ``load`` is True: availability comes from ``find_spec``
+    and versions from package metadata. Devices are listed for backends already loaded
+    in this process, and, with ``load=True``, for every available backend (loading it;
+    a backend that fails to load reports the error instead).
+    """
+    from memcore.protocol import list_devices
+
+    owners = importlib.metadata.packages_distributions()
+    rows = []
+    for name, entry in sorted(registered_backends().items()):
+        available = entry.importable()
+        devices, error = None, ""
+        with _lock:
+            instance = _instances.get(name)
+        if instance is None and load and available:
+            try:
+                instance = get_backend(name)
+            except Exception as exc:  # noqa: BLE001 - a broken backend is reported, not raised
+                error = f"{type(exc).__name__}: {exc}"
+        if instance is not None:
+            try:
+                devices = list_devices(instance)
+            except Exception as exc:  # noqa: BLE001
+                error = f"devices() failed: {type(exc).__name__}: {exc}"
+        version = _framework_version(entry, owners) if available else None
+        rows.append(
+            BackendInfo(name, entry.target, entry.source, available, version, devices, error)
+        )
+    return rows
+
+
+def format_backends(rows: list[BackendInfo]) -> str:
+    """``describe_backends()`` as an aligned text table (one line per backend)."""
+    head = ("name", "status", "version", "devices", "target", "source")
+    body = []
+    for r in rows:
+        if r.error:
+            devices = f"error: {r.error}"
+        elif r.devices is None:
+            devices = "(not loaded)" if r.available else "-"
+        else:
+            devices = ", ".join(r.devices)
+        status = "available" if r.available else "not installed"
+        body.append((r.name, status, r.version or "-", devices, r.target, r.source))
+    widths = [max(len(row[i]) for row in (head, *body)) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in (head, *body)]
+    return "\n".join(lines)

@@ -12,7 +12,19 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["array_namespace", "concat", "merge_heads", "mT", "permute", "split_heads", "all_finite"]
+__all__ = [
+    "all_finite",
+    "arange",
+    "array_namespace",
+    "concat",
+    "mT",
+    "merge_heads",
+    "nbytes",
+    "ones",
+    "permute",
+    "split_heads",
+    "zeros",
+]
 
 
 def array_namespace(*arrays: Any) -> ModuleType:
@@ -28,6 +40,34 @@ def array_namespace(*arrays: Any) -> ModuleType:
         if hasattr(x, "__array_namespace__"):
             return x.__array_namespace__()
     return np
+
+
+def _device_kw(xp: ModuleType, like: Any) -> dict[str, Any]:
+    """``device=`` for creation functions, so new arrays live on ``like``'s device.
+
+    The Array API puts creation on the default device unless told otherwise (and refuses
+    to combine arrays of two devices); NumPy and CuPy have one current device and CuPy's
+    creation functions take no ``device`` argument.
+    """
+    if xp.__name__.split(".")[0] in ("numpy", "cupy"):
+        return {}
+    device = getattr(like, "device", None)
+    return {} if device is None else {"device": device}
+
+
+def zeros(xp: ModuleType, shape: tuple[int, ...], like: Any, dtype: Any = None) -> Any:
+    """Zeros of ``shape`` with ``like``'s dtype (or ``dtype``) on ``like``'s device."""
+    return xp.zeros(shape, dtype=like.dtype if dtype is None else dtype, **_device_kw(xp, like))
+
+
+def ones(xp: ModuleType, shape: tuple[int, ...], like: Any, dtype: Any = None) -> Any:
+    """Ones of ``shape`` with ``like``'s dtype (or ``dtype``) on ``like``'s device."""
+    return xp.ones(shape, dtype=like.dtype if dtype is None else dtype, **_device_kw(xp, like))
+
+
+def arange(xp: ModuleType, n: int, like: Any) -> Any:
+    """0..n-1 in the namespace's default integer dtype, on ``like``'s device."""
+    return xp.arange(n, **_device_kw(xp, like))
 
 
 def permute(xp: ModuleType, x: Any, axes: tuple[int, ...]) -> Any:
@@ -62,3 +102,21 @@ def all_finite(x: Any) -> bool:
     """True when no entry is NaN or Inf (any namespace)."""
     xp = array_namespace(x)
     return bool(xp.all(xp.isfinite(x)))
+
+
+def nbytes(x: Any) -> int:
+    """Bytes of an array's elements: ``x.nbytes``, or size times item size where the
+    namespace has no ``nbytes`` (the Array API standard does not require one)."""
+    if hasattr(x, "nbytes"):
+        return int(x.nbytes)
+    xp = array_namespace(x)
+    if xp.isdtype(x.dtype, "bool"):
+        item = 1
+    elif xp.isdtype(x.dtype, "integral"):
+        item = xp.iinfo(x.dtype).bits // 8
+    else:
+        item = xp.finfo(x.dtype).bits // 8
+    size = 1
+    for d in x.shape:
+        size *= int(d)
+    return size * item

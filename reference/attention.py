@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from memcore.reference._xp import array_namespace, concat, mT, merge_heads, split_heads
+from memcore.reference._xp import array_namespace, concat, mT, merge_heads, ones, split_heads
 
 __all__ = [
     "memory_read_forward",
@@ -147,7 +147,7 @@ def slot_attention_forward(memory, x, wq, wk, wv, *, num_heads: int, tau: float 
     if token_mask is not None:
         keep = xp.asarray(token_mask)[:, None, None, :]
         # The self entry is never masked, so every row keeps a finite max (Eq. 6 mask).
-        self_col = xp.ones(keep.shape[:-1] + (1,), dtype=keep.dtype)
+        self_col = ones(xp, keep.shape[:-1] + (1,), keep)
         allowed = concat(xp, [self_col, keep], axis=-1)
         logits = xp.where(allowed, logits, -math.inf)
     # Subtract the row max: logits / tau stay finite in exp for tau down to 1e-3.

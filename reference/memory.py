@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from memcore.reference._xp import array_namespace
+from memcore.reference._xp import array_namespace, zeros
 from memcore.reference.attention import SlotCache, slot_attention_backward, slot_attention_forward
 
 __all__ = [
@@ -103,7 +103,7 @@ def memory_init_forward(v_bias, *, batch_size: int):
     xp = array_namespace(v_bias)
     y, n = normalize(xp, v_bias)
     # A fresh (not broadcast-view) array, so callers may write into it safely.
-    out = xp.zeros((batch_size,) + tuple(y.shape), dtype=y.dtype) + y[None]
+    out = zeros(xp, (batch_size,) + tuple(y.shape), y) + y[None, ...]
     return out, InitCache(y, n, batch_size)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from memcore.reference._xp import array_namespace, mT
+from memcore.reference._xp import array_namespace, mT, ones
 
 __all__ = [
     "sab_scores_forward",
@@ -49,7 +49,7 @@ def sab_scores_backward(cache: ScoresCache, d_scores):
     b, n, a_dim = k.t.shape
     hd = k.memories.shape[-1]
     # Explicit sizes, not -1: a zero-size axis (N, A or Hd = 0) makes -1 ambiguous.
-    dw3 = xp.matmul(xp.reshape(d_scores, (1, b * n)), xp.reshape(k.t, (b * n, a_dim)))[0]
+    dw3 = xp.matmul(xp.reshape(d_scores, (1, b * n)), xp.reshape(k.t, (b * n, a_dim)))[0, :]
     dpre = d_scores[..., None] * k.w3 * (1.0 - k.t * k.t)
     dmem = xp.matmul(dpre, mT(xp, k.w1))
     dw1 = xp.matmul(mT(xp, xp.reshape(k.memories, (b * n, hd))), xp.reshape(dpre, (b * n, a_dim)))
@@ -78,8 +78,8 @@ def sparsify_forward(scores, *, k_top: int, eps: float = 1e-7, threshold_grad: b
     n = scores.shape[-1]
     if n == 0:
         empty = xp.zeros_like(scores)
-        ones = xp.ones((scores.shape[0], 1), dtype=scores.dtype)
-        return empty, SparsifyCache(empty, empty > 0, ones, empty > 0, threshold_grad)
+        unit = ones(xp, (scores.shape[0], 1), scores)
+        return empty, SparsifyCache(empty, empty > 0, unit, empty > 0, threshold_grad)
     return sparsify_with_threshold(scores, kth_largest(scores, min(k_top + 1, n)), eps, threshold_grad)
 
 

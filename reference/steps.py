@@ -27,7 +27,7 @@ import attrs
 
 from memcore.config import MemoryConfig, SABConfig
 from memcore.errors import MemcoreError
-from memcore.reference._xp import array_namespace, mT
+from memcore.reference._xp import array_namespace, mT, zeros
 from memcore.reference.attention import ReadCache, memory_read_backward, memory_read_forward
 from memcore.reference.lstm import LstmCache, lstm_cell_backward, lstm_cell_forward
 from memcore.reference.memory import (
@@ -196,7 +196,7 @@ def stack_memories(memories: tuple[Any, ...], like: Any) -> Any:
     """(B, N, Hd) from N arrays (B, Hd); (B, 0, Hd) shaped like ``like`` when N = 0."""
     xp = array_namespace(like)
     if not memories:
-        return xp.zeros((like.shape[0], 0, like.shape[-1]), dtype=like.dtype)
+        return zeros(xp, (like.shape[0], 0, like.shape[-1]), like)
     return xp.stack(list(memories), axis=1)
 
 
@@ -272,7 +272,9 @@ def sab_backward(cache: SabCache, d_state: Any, d_y: Any) -> tuple[dict[str, Any
     dc_new = xp.zeros_like(k.h) if dc_out is None else dc_out
     dx, dh_in, dc_in, dlw, dlb = lstm_cell_backward(k.lstm, (dh + dh_score, dc_new))
     dmem_in = tuple(
-        d_stack[:, i] if i >= len(dmem_out) or dmem_out[i] is None else dmem_out[i] + d_stack[:, i]
+        d_stack[:, i, :]
+        if i >= len(dmem_out) or dmem_out[i] is None
+        else dmem_out[i] + d_stack[:, i, :]
         for i in range(k.n_read)
     )
     grads = dict(zip(SAB_PARAMS, (dlw, dlb, dw1, dw2, dw3, dv1, dv2, db_y)))

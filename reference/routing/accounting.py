@@ -12,23 +12,26 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from memcore.reference._xp import nbytes
+
 __all__ = ["PeakTracker", "buffer_key", "held_bytes"]
 
 
 def buffer_key(x: Any) -> tuple[int, int]:
-    """(data address, nbytes) of an array: NumPy, CuPy, or (fallback) the object's id."""
+    """(data address, nbytes) of an array: NumPy, CuPy, or (fallback, e.g. an Array API
+    array that exposes no address) the object's id."""
     iface = getattr(x, "__array_interface__", None)
     if iface is not None:
-        return iface["data"][0], int(x.nbytes)
+        return iface["data"][0], nbytes(x)
     data = getattr(x, "data", None)
     ptr = getattr(data, "ptr", None)  # CuPy's MemoryPointer
-    return (int(ptr) if ptr is not None else id(x)), int(x.nbytes)
+    return (int(ptr) if ptr is not None else id(x)), nbytes(x)
 
 
 def _arrays(obj: Any, out: list[Any]) -> None:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return
-    if hasattr(obj, "nbytes") and hasattr(obj, "shape"):
+    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
         out.append(obj)
     elif isinstance(obj, Mapping):
         for v in obj.values():

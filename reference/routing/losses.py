@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from memcore.reference._xp import array_namespace, mT
+from memcore.reference._xp import arange, array_namespace, mT
 from memcore.routing_types import Loss
 
 __all__ = ["DEFAULT_LOSS", "LossCache", "loss_backward", "loss_forward", "step_weights"]
@@ -48,7 +48,7 @@ def loss_forward(kind: str, y: Any, target: Any, head_w: Any = None) -> tuple[fl
     shifted = logits - xp.max(logits, axis=-1, keepdims=True)  # exp stays finite
     e = xp.exp(shifted)
     z = xp.sum(e, axis=-1, keepdims=True)
-    classes = xp.arange(head_w.shape[-1])
+    classes = arange(xp, head_w.shape[-1], y)
     onehot = _as_dtype(xp, xp.reshape(target, (-1, 1)) == classes, y.dtype)
     nll = xp.log(z)[:, 0] - xp.sum(shifted * onehot, axis=-1)
     return float(xp.mean(nll)), LossCache(kind, flat, e / z - onehot, head_w, tuple(y.shape))

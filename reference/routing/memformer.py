@@ -24,8 +24,8 @@ __all__ = ["memformer_bptt", "memformer_unroll", "mrbp"]
 
 def _per_step(resets: Any, token_mask: Any, t: int) -> dict[str, Any]:
     return {
-        "reset": None if resets is None else resets[t],
-        "token_mask": None if token_mask is None else token_mask[t],
+        "reset": None if resets is None else resets[t, ...],
+        "token_mask": None if token_mask is None else token_mask[t, ...],
     }
 
 
@@ -77,9 +77,9 @@ def memformer_bptt(
     memory, total, caches = state0, 0.0, []
     for t in range(steps):
         memory, y, cache = memformer_step.forward(
-            params, xs[t], memory, config=config, **_per_step(resets, token_mask, t)
+            params, xs[t, ...], memory, config=config, **_per_step(resets, token_mask, t)
         )
-        value, loss_cache = loss_forward(loss.kind, y, targets[t], head)
+        value, loss_cache = loss_forward(loss.kind, y, targets[t, ...], head)
         total += weights[t] * value
         caches.append((cache, loss_cache))
     tracker.observe(caches)  # the worst moment: every step's cache, before the sweep frees any
@@ -126,18 +126,18 @@ def mrbp(
     memories, total = [M0], 0.0  # the replay buffer M_0..M_T
     for t in range(steps):
         memory, y, cache = memformer_step.forward(
-            params, xs[t], memories[-1], config=config, **_per_step(resets, token_mask, t)
+            params, xs[t, ...], memories[-1], config=config, **_per_step(resets, token_mask, t)
         )
-        value, loss_cache = loss_forward(loss.kind, y, targets[t], head)
+        value, loss_cache = loss_forward(loss.kind, y, targets[t, ...], head)
         total += weights[t] * value
         memories.append(memory)
         tracker.observe(memories, cache, loss_cache)  # transient: dropped before the next step
     grads, d_memory = GradSums(params), None
     for t in reversed(range(steps)):
         _, y, cache = memformer_step.forward(
-            params, xs[t], memories[t], config=config, **_per_step(resets, token_mask, t)
+            params, xs[t, ...], memories[t], config=config, **_per_step(resets, token_mask, t)
         )
-        _, loss_cache = loss_forward(loss.kind, y, targets[t], head)
+        _, loss_cache = loss_forward(loss.kind, y, targets[t, ...], head)
         tracker.observe(memories, cache, loss_cache)
         d_memory = _step_backward(grads, cache, loss_cache, weights[t], d_memory)
         if _cut(t, truncate_every):
@@ -160,7 +160,7 @@ def memformer_unroll(
     memory, ys = M0, []
     for t in range(xs.shape[0]):
         memory, y, _ = memformer_step.forward(
-            params, xs[t], memory, config=config, **_per_step(resets, token_mask, t)
+            params, xs[t, ...], memory, config=config, **_per_step(resets, token_mask, t)
         )
         ys.append(y)
     return xp.stack(ys, axis=0), memory

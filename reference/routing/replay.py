@@ -79,8 +79,8 @@ def sab_sparse_replay(
     for m, (start, stop) in enumerate(chunks):
         boundaries.append((state.h, state.c))
         for t in range(start, stop):
-            state, y, cache = sab_step.forward(params, xs[t - 1], state, config=config, t=t)
-            value, loss_cache = loss_forward(loss.kind, y, targets[t - 1], head)
+            state, y, cache = sab_step.forward(params, xs[t - 1, ...], state, config=config, t=t)
+            value, loss_cache = loss_forward(loss.kind, y, targets[t - 1, ...], head)
             total += weights[t - 1] * value
             writer += [m] * int(cache.wrote)
             tracker.observe(boundaries, state.memories, cache, loss_cache)  # transient step cache
@@ -98,8 +98,8 @@ def sab_sparse_replay(
         replay = SabState(*boundaries[m], memories[:n_start])
         records = []
         for t in range(start, stop):
-            replay, y, cache = sab_step.forward(params, xs[t - 1], replay, config=config, t=t)
-            records.append((t, cache, loss_forward(loss.kind, y, targets[t - 1], head)[1]))
+            replay, y, cache = sab_step.forward(params, xs[t - 1, ...], replay, config=config, t=t)
+            records.append((t, cache, loss_forward(loss.kind, y, targets[t - 1, ...], head)[1]))
         tracker.observe(boundaries, memories, records)
         # Chunk m's last (h, c) feeds a cut boundary (or is h_T): no gradient enters it.
         dh, dc = backward_steps(records, weights, grads, d_memories, k_trunc=None)

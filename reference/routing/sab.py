@@ -101,8 +101,8 @@ def _whole_graph(
     tracker = PeakTracker(params)
     state, total, records = initial_state(state0, config), 0.0, []
     for t in range(1, steps + 1):
-        state, y, cache = sab_step.forward(params, xs[t - 1], state, config=config, t=t)
-        value, loss_cache = loss_forward(loss.kind, y, targets[t - 1], head)
+        state, y, cache = sab_step.forward(params, xs[t - 1, ...], state, config=config, t=t)
+        value, loss_cache = loss_forward(loss.kind, y, targets[t - 1, ...], head)
         total += weights[t - 1] * value
         records.append((t, cache, loss_cache))
     tracker.observe(records)  # the worst moment: every step's cache
@@ -191,7 +191,7 @@ def sab_unroll(params: Mapping[str, Any], xs: Any, state0: Any, *, config: Any) 
     xp = array_namespace(xs)
     state, ys, weights = initial_state(state0, config), [], []
     for t in range(1, xs.shape[0] + 1):
-        state, y, cache = sab_step.forward(params, xs[t - 1], state, config=config, t=t)
+        state, y, cache = sab_step.forward(params, xs[t - 1, ...], state, config=config, t=t)
         ys.append(y)
         weights.append(cache.retrieve.w)
     memories = stack_memories(state.memories, state.h)
