@@ -1,4 +1,4 @@
-"""The ``memcore`` command: ``memcore verify`` and ``memcore backends``.
+"""The ``memcore`` command: ``memcore verify``, ``memcore backends`` and ``memcore train``.
 
 ``memcore verify`` prints the reference's self-check (every op's finite-difference
 error, the routing equivalences), then the conformance table of each backend; it exits
@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="memcore", description="memcore: reference checks and backend conformance."
     )
-    sub = p.add_subparsers(dest="command", metavar="{verify,backends}")
+    sub = p.add_subparsers(dest="command", metavar="{verify,backends,train}")
     v = sub.add_parser(
         "verify",
         help="self-check the reference and run the conformance suite on backends",
@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument(
         "--no-self-check", action="store_true", help="skip the reference self-check tables"
+    )
+    sub.add_parser(
+        "train",
+        help="train a model from a TOML config (memcore train CONFIG.toml --help)",
+        add_help=False,
     )
     b = sub.add_parser("backends", help="list registered backends: availability, version, devices")
     b.add_argument("--load", action="store_true", help="import each available backend to list its devices")
@@ -298,6 +303,10 @@ def _cross(
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``memcore`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        from memcore.train.cli import main as train_main
+
+        return train_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "backends":
         return _backends_command(args)

@@ -1,0 +1,90 @@
+"""``memcore train CONFIG.toml [--backend NAME] [--device DEV] [--resume] [--out DIR]``.
+
+:func:`main` takes the arguments that follow ``memcore train`` and returns the exit
+status: 0 after training, 2 for a bad setup (unknown backend, missing device, a config
+error, a routing the model cannot use, ...), reported in one line on stderr before any
+training step runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from memcore.errors import MemcoreError
+
+__all__ = ["build_parser", "main"]
+
+USAGE_ERROR = 2
+
+
+def build_parser(prog: str = "memcore train") -> argparse.ArgumentParser:
+    """The argument parser of ``memcore train``."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Train a memory-augmented model (SAB or Memformer) from a TOML config; "
+        "writes checkpoint.npz, results.json and curves.png to the output folder.",
+    )
+    p.add_argument("config", metavar="CONFIG.toml", help="training config (see configs/)")
+    p.add_argument(
+        "--backend",
+        default="numpy",
+        help="numpy | torch | jax | cupy | pkg.module:factory (default numpy)",
+    )
+    p.add_argument(
+        "--device", default=None, help="cpu | cuda:0 | ... (default: the backend's default)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: [run] out)")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="checkpoint and stop after N steps of this call (finish later with --resume)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``memcore train`` with ``argv`` (the arguments after ``train``); returns the exit code."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.stop_after is not None and args.stop_after < 1:
+        print(
+            f"memcore train: error: `--stop-after` must be >= 1. Received: {args.stop_after}",
+            file=sys.stderr,
+        )
+        return USAGE_ERROR
+    from memcore.train.config import load_config
+    from memcore.train.trainer import PLOT, RESULTS, train
+
+    try:
+        config = load_config(args.config)
+        results = train(
+            config,
+            backend=args.backend,
+            device=args.device,
+            out=args.out,
+            resume=args.resume,
+            stop_after=args.stop_after,
+            progress=None if args.quiet else sys.stderr,
+        )
+    except MemcoreError as exc:
+        print(f"memcore train: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    out = args.out or config.run.out
+    final = ", ".join(f"{k} {v:.4g}" for k, v in results["final_eval"].items())
+    base = ", ".join(f"{k} {v:.4g}" for k, v in results["baseline"].items())
+    state = "finished" if results["finished"] else "stopped"
+    more = "" if results["finished"] else " (continue with --resume)"
+    print(
+        f"{state} at step {results['steps_done']}/{config.run.steps}{more} on {results['backend']}: "
+        f"eval {final} (baseline {base}); "
+        f"{results['history']['train_time_s']:.1f} s training"
+    )
+    for T, metrics in results["transfer"].items():
+        print(f"transfer T={T}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    print(f"wrote {out}/{RESULTS} and {out}/{PLOT}")
+    return 0
