@@ -1,0 +1,296 @@
+"""MRBP vs BPTT vs per-segment checkpointing on the Memformer-lite LM (issue 7, benchmark 1).
+
+    python -m bench.mrbp_lm --T 8,32 --precision fp32,bf16 --out bench/results/mrbp-lm-h200.json
+
+Sizes default to the issue's (B=16, L=128, D=512, H=8, K=1024, vocab 8192, 4 layers).
+Before anything is timed, every method's gradient is checked against BPTT's in plain float32
+(TF32 off) at ``--check-T`` segments; then, at each (precision, T), the gradients of every
+method are compared with BPTT's in that same precision and reported. Speed ratios are
+BPTT time / method time (> 1: faster than BPTT); memory ratios are method peak / BPTT peak.
+``--fit-gib`` also finds the largest T each method fits in that much memory (fp32 only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from bench.harness import cuda, median_time, peak_memory, rel_error, run_record, write_json
+from bench.lm_model import MemformerLM
+from bench.lm_routing import METHODS, GraphedBPTT, GraphedMRBP
+
+__all__ = ["build", "main", "make_runner", "random_batch"]
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+GIB = 1 << 30
+
+
+def build(args: argparse.Namespace, device: torch.device) -> MemformerLM:
+    """The LM with seeded random weights, gradients allocated (zeros) so they count as base."""
+    torch.manual_seed(args.seed)
+    model = MemformerLM(
+        args.vocab, args.D, args.H, args.layers, args.K, fused_write=args.write == "fused"
+    ).to(device)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    return model
+
+
+def random_batch(T: int, args: argparse.Namespace, device: torch.device, seed: int = 1):
+    """Random token ids and next-token targets, (T, B, L) each (never zeros)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    stream = torch.randint(0, args.vocab, (args.B, T * args.L + 1), generator=g)
+    tokens = stream[:, :-1].reshape(args.B, T, args.L).transpose(0, 1).contiguous()
+    targets = stream[:, 1:].reshape(args.B, T, args.L).transpose(0, 1).contiguous()
+    return tokens.to(device), targets.to(device)
+
+
+def make_runner(name: str, model: MemformerLM, tokens, targets, amp, args) -> Callable[[], Any]:
+    """A no-argument callable running one training iteration of method ``name``."""
+    if name == "mrbp_graph":
+        graphed = GraphedMRBP(model, args.B, args.L, amp)
+        return lambda: graphed(tokens, targets)
+    if name == "bptt_graph":
+        graphed_b = GraphedBPTT(model, tokens, targets, amp)
+        return lambda: graphed_b(tokens, targets)
+    fn = METHODS[name]
+    return lambda: fn(model, tokens, targets, amp)
+
+
+def _grads(model: MemformerLM, run: Callable[[], Any]) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=False)
+    run()
+    out = [p.grad.detach().clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=False)
+    return out
+
+
+def _methods(args: argparse.Namespace) -> list[str]:
+    names = [m for m in args.methods.split(",") if m]
+    if not cuda():
+        names = [m for m in names if not m.endswith("_graph")]  # CUDA graphs need a GPU
+    return names
+
+
+def check_exact(model: MemformerLM, args: argparse.Namespace, device) -> dict[str, float]:
+    """Every method's gradient vs BPTT's in float32 with TF32 off; asserts rel error < tol."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        tokens, targets = random_batch(args.check_T, args, device, seed=7)
+        ref = _grads(model, make_runner("bptt", model, tokens, targets, None, args))
+        errors = {}
+        for name in _methods(args):
+            if name == "bptt":
+                continue
+            err = rel_error(
+                _grads(model, make_runner(name, model, tokens, targets, None, args)), ref
+            )
+            errors[name] = err
+            assert err < args.check_tol, f"{name}: gradient rel error {err:.2e} vs BPTT (fp32)"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    return errors
+
+
+def _footprint(mem: dict[str, Any], pool: int) -> int | None:
+    if mem["peak_allocated"] is None:
+        return None
+    return mem["peak_allocated"] + pool
+
+
+def bench_config(model, args, device, precision: str, T: int) -> list[dict[str, Any]]:
+    """All methods at one (precision, T): time, peak memory, gradient error vs BPTT."""
+    amp = PRECISIONS[precision]
+    tokens, targets = random_batch(T, args, device)
+    rows: list[dict[str, Any]] = []
+    ref = None
+    for name in _methods(args):
+        row: dict[str, Any] = {"precision": precision, "T": T, "method": name}
+        try:
+            pool = 0
+            if cuda():
+                torch.cuda.empty_cache()
+                before = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+            run = make_runner(name, model, tokens, targets, amp, args)
+            if cuda() and name.endswith("_graph"):
+                torch.cuda.empty_cache()
+                # Reserved but not allocated after capture: the graphs' private pool, which
+                # replays use without the allocator seeing it (live tensors count already).
+                pool = torch.cuda.memory_reserved() - torch.cuda.memory_allocated() - before
+            grads = _grads(model, run)
+            if ref is None:
+                ref = grads  # BPTT runs first
+            row["grad_rel_err_vs_bptt"] = rel_error(grads, ref)
+            tol = args.tol_bf16 if amp is not None else args.tol_fp32
+            assert row["grad_rel_err_vs_bptt"] < tol, f"{name} {precision} T={T}: {row}"
+            row.update(median_time(run, repeat=args.repeat, warmup=args.warmup))
+            mem = peak_memory(run)
+            row.update(mem, graph_pool_bytes=pool, footprint_bytes=_footprint(mem, pool))
+        except torch.cuda.OutOfMemoryError as exc:
+            row["error"] = f"OOM: {str(exc)[:200]}"
+        except Exception as exc:
+            if not cuda():
+                raise
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        run = grads = None  # drop the graphs (and their memory pools) before the next method
+        gc.collect()
+        if cuda():
+            torch.cuda.empty_cache()
+        model.zero_grad(set_to_none=False)
+        rows.append(row)
+        print(_fmt(row), flush=True)
+    base = rows[0]
+    for row in rows:
+        if "median_s" in row and "median_s" in base:
+            row["speed_vs_bptt"] = base["median_s"] / row["median_s"]
+        if row.get("footprint_bytes") and base.get("footprint_bytes"):
+            row["memory_vs_bptt"] = row["footprint_bytes"] / base["footprint_bytes"]
+        row["tokens_per_s"] = T * args.B * args.L / row["median_s"] if "median_s" in row else None
+    return rows
+
+
+def fit_memory(model, args, device, rows, gib: float) -> list[dict[str, Any]]:
+    """Largest T per method with peak footprint <= ``gib`` GiB (fp32): predicted from the
+    linear fit of the measured peaks, then run under a cap of that size (shrinking on OOM)."""
+    out = []
+    cap = gib * GIB
+    torch.cuda.set_per_process_memory_fraction(
+        min(1.0, cap / torch.cuda.get_device_properties(0).total_memory)
+    )
+    try:
+        for name in _methods(args):
+            pts = sorted(
+                (r["T"], r["footprint_bytes"])
+                for r in rows
+                if r["method"] == name and r["precision"] == "fp32" and r.get("footprint_bytes")
+            )
+            if len(pts) < 2 or name == "bptt_graph":
+                continue
+            (t0, m0), (t1, m1) = pts[0], pts[-1]
+            slope = (m1 - m0) / (t1 - t0)
+            T = min(args.fit_max_T, int((cap - (m0 - slope * t0)) / slope))
+            row: dict[str, Any] = {"method": name, "bytes_per_segment": slope, "predicted_T": T}
+            for _ in range(4):
+                tokens, targets = random_batch(T, args, device, seed=3)
+                torch.cuda.reset_peak_memory_stats()
+                try:
+                    run = make_runner(name, model, tokens, targets, None, args)
+                    row.update(median_time(run, repeat=2, warmup=1), T=T)
+                    row["tokens_per_s"] = T * args.B * args.L / row["median_s"]
+                    row["peak_reserved"] = torch.cuda.max_memory_reserved()
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    T = int(T * 0.9)
+                finally:
+                    run = None
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    model.zero_grad(set_to_none=False)
+            out.append(row)
+            print(f"fit {gib} GiB: {row}", flush=True)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    return out
+
+
+def _fmt(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return f"{row['precision']} T={row['T']} {row['method']}: {row['error']}"
+    mb = (row.get("footprint_bytes") or 0) / 2**20
+    return (
+        f"{row['precision']} T={row['T']:>3} {row['method']:<11} "
+        f"{row['median_s'] * 1e3:9.1f} ms  peak {mb:9.0f} MiB  "
+        f"grad err {row['grad_rel_err_vs_bptt']:.1e}"
+    )
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The results table in Markdown."""
+    lines = [
+        "| precision | T | method | s/iter | speed vs BPTT | peak MiB | memory vs BPTT | grad rel err vs BPTT |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['precision']} | {r['T']} | {r['method']} | {r['error']} | | | | |")
+            continue
+        mem = r.get("footprint_bytes")
+        lines.append(
+            f"| {r['precision']} | {r['T']} | {r['method']} | {r['median_s']:.4f} | "
+            f"{r.get('speed_vs_bptt', math.nan):.2f}x | "
+            f"{'-' if mem is None else f'{mem / 2**20:.0f}'} | "
+            f"{r.get('memory_vs_bptt', math.nan):.3f}x | {r['grad_rel_err_vs_bptt']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    """Command-line flags (sizes, methods, precisions, repeats, tolerances, output)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    for flag, default in (("B", 16), ("L", 128), ("D", 512), ("H", 8), ("K", 1024)):
+        p.add_argument(f"--{flag}", type=int, default=default)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--T", default="8,32", help="comma-separated horizons")
+    p.add_argument("--precision", default="fp32,bf16", help="fp32 (TF32 on) and/or bf16 autocast")
+    p.add_argument("--methods", default="bptt,checkpoint,mrbp,mrbp_graph,bptt_graph")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--check-T", type=int, default=3)
+    p.add_argument("--check-tol", type=float, default=1e-4)
+    p.add_argument("--tol-fp32", type=float, default=2e-2, help="TF32 rel-error bound vs BPTT")
+    p.add_argument("--tol-bf16", type=float, default=1e-1, help="bf16 rel-error bound vs BPTT")
+    p.add_argument("--fit-gib", type=float, default=0.0, help="find the largest T in this many GiB")
+    p.add_argument("--fit-max-T", type=int, default=2048)
+    p.add_argument(
+        "--write",
+        choices=("torch", "fused"),
+        default="torch",
+        help="memory write: the torch op, or the fused Triton kernels",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if cuda() else "cpu")
+    p.add_argument("--out", default=None, help="JSON path")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns (and writes to --out) the JSON payload."""
+    args = parser().parse_args(argv)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    model = build(args, device)
+    exact = check_exact(model, args, device)
+    print(f"gradient check (fp32, TF32 off, T={args.check_T}) rel err vs BPTT: {exact}", flush=True)
+    rows: list[dict[str, Any]] = []
+    payload: dict[str, Any] = {
+        "benchmark": "mrbp_lm",
+        "record": run_record(),
+        "sizes": {
+            k: getattr(args, k) for k in ("B", "L", "D", "H", "K", "vocab", "layers", "write")
+        },
+        "exact_check": {"T": args.check_T, "rel_err_vs_bptt": exact},
+        "rows": rows,
+    }
+    for precision in args.precision.split(","):
+        for T in (int(t) for t in args.T.split(",")):
+            rows += bench_config(model, args, device, precision, T)
+            write_json(args.out, payload)  # kept config by config: a cut-off run keeps its rows
+    payload["markdown"] = markdown(rows)
+    print(payload["markdown"], flush=True)
+    fits = fit_memory(model, args, device, rows, args.fit_gib) if args.fit_gib and cuda() else []
+    payload["fit"] = fits
+    write_json(args.out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
