@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from memcore import reference
-from memcore.backends.numpy.routing import NumpyRouting
+from memcore.routing_delegate import RoutingDelegate
 from memcore.errors import MemcoreError
 from memcore.protocol import BackendBase, Capabilities, probe_float64
 from memcore.reference._xp import all_finite
@@ -56,11 +56,11 @@ def _namespace_devices(xp: ModuleType) -> tuple[list[Any], Any]:
     return [only], only
 
 
-class ArrayApiBackend(NumpyRouting, BackendBase):
+class ArrayApiBackend(RoutingDelegate, BackendBase):
     """Any Array API namespace, with gradients from the reference's hand-written backward.
 
     The routing drivers (``bptt``, ``mrbp``, ``sab_bptt``, ``sab_sparse_replay``) are the
-    reference's, inherited from :class:`~memcore.backends.numpy.routing.NumpyRouting`:
+    reference's, inherited from :class:`~memcore.routing_delegate.RoutingDelegate`:
     they are written against the array namespace, so they run on this backend's arrays.
 
     Args:

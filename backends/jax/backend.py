@@ -13,7 +13,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from memcore.backends.jax import routing
 from memcore.backends.jax.attention import memory_read, slot_attention
 from memcore.backends.jax.lstm import lstm_cell
 from memcore.backends.jax.memory import bmn, memory_init, memory_reset, memory_write
@@ -23,6 +22,7 @@ from memcore.errors import MemcoreError
 from memcore.ops import OPS
 from memcore.opspec import Tensor
 from memcore.protocol import BackendBase, Capabilities
+from memcore.routing_delegate import RoutingDelegate
 
 __all__ = ["JaxBackend", "OP_FUNCTIONS"]
 
@@ -65,10 +65,11 @@ def _vjp_jit(inputs, arrays, cotangent, *, op, static):
     return out, pull(ct)
 
 
-class JaxBackend(BackendBase):
+class JaxBackend(RoutingDelegate, BackendBase):
     """JAX arrays on CPU or GPU; gradients from JAX autodiff (``jax.vjp``)."""
 
     name = "jax"
+    routing_module = "memcore.backends.jax.routing"
     version = jax.__version__
 
     # ------------------------------------------------------------------ devices
@@ -163,19 +164,3 @@ class JaxBackend(BackendBase):
         diff = OPS[op].differentiable
         return out, tuple(g if d else None for g, d in zip(grads, diff))
 
-    # ------------------------------------------------------------------ routing
-    def bptt(self, step, params, xs, state0, targets, **kwargs):
-        """See :func:`memcore.backends.jax.routing.bptt`."""
-        return routing.bptt(step, params, xs, state0, targets, **kwargs)
-
-    def mrbp(self, params, xs, M0, targets, **kwargs):
-        """See :func:`memcore.backends.jax.routing.mrbp` (``method`` "checkpoint" or "replay")."""
-        return routing.mrbp(params, xs, M0, targets, **kwargs)
-
-    def sab_bptt(self, params, xs, state0, targets, **kwargs):
-        """See :func:`memcore.backends.jax.routing.sab_bptt`."""
-        return routing.sab_bptt(params, xs, state0, targets, **kwargs)
-
-    def sab_sparse_replay(self, params, xs, state0, targets, **kwargs):
-        """See :func:`memcore.backends.jax.routing.sab_sparse_replay`."""
-        return routing.sab_sparse_replay(params, xs, state0, targets, **kwargs)

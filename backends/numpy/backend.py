@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from memcore import reference
-from memcore.backends.numpy.routing import NumpyRouting
+from memcore.routing_delegate import RoutingDelegate
 from memcore.errors import MemcoreError
 from memcore.protocol import BackendBase, Capabilities
 from memcore.reference._xp import all_finite
@@ -15,11 +15,11 @@ from memcore.reference._xp import all_finite
 __all__ = ["NumpyBackend"]
 
 
-class NumpyBackend(NumpyRouting, BackendBase):
+class NumpyBackend(RoutingDelegate, BackendBase):
     """NumPy arrays on the CPU; gradients from the reference's hand-written backward.
 
     The routing drivers (``bptt``, ``mrbp``, ``sab_bptt``, ``sab_sparse_replay``) come from
-    :class:`~memcore.backends.numpy.routing.NumpyRouting`, i.e. the reference's.
+    :class:`~memcore.routing_delegate.RoutingDelegate` over :mod:`memcore.reference.routing`.
     """
 
     name = "numpy"

@@ -6,18 +6,17 @@ reference's hand-written backward: comparing the two is an independent check of 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from memcore.backends.torch import attention, lstm, memory, routing, sab
+from memcore.backends.torch import attention, lstm, memory, sab
 from memcore.backends.torch._common import DTYPES, HALF, torch_dtype
 from memcore.errors import MemcoreError
 from memcore.ops import get_op
 from memcore.protocol import BackendBase, Capabilities
-from memcore.routing_types import Loss, RoutingResult
+from memcore.routing_delegate import RoutingDelegate
 
 __all__ = ["TorchBackend"]
 
@@ -42,13 +41,14 @@ def _as_tensor(x: Any, device: torch.device | None) -> Any:
     return x
 
 
-class TorchBackend(BackendBase):
+class TorchBackend(RoutingDelegate, BackendBase):
     """torch tensors on the CPU or CUDA; float64, float32, bfloat16 and float16.
 
     Half types compute in float32 and return their own dtype.
     """
 
     name = "torch"
+    routing_module = "memcore.backends.torch.routing"
     version = torch.__version__
 
     # ------------------------------------------------------------------ devices, arrays
@@ -186,84 +186,3 @@ class TorchBackend(BackendBase):
             result.append(torch.zeros_like(x) if g is None else g.detach())
         detached = tuple(o.detach() for o in outs)
         return (detached if spec.multi_output else detached[0]), tuple(result)
-
-    # ------------------------------------------------------------------ routing
-    def bptt(
-        self,
-        step: str,
-        params: Mapping[str, Any],
-        xs: Any,
-        state0: Any,
-        targets: Any,
-        *,
-        config: Any,
-        loss: Loss = Loss(),
-        resets: Any = None,
-        token_mask: Any = None,
-        truncate_every: int | None = None,
-    ) -> RoutingResult:
-        """Full BPTT of ``step`` ("memformer" or "sab"); see :func:`routing.bptt`."""
-        return routing.bptt(
-            step,
-            params,
-            xs,
-            state0,
-            targets,
-            config=config,
-            loss=loss,
-            resets=resets,
-            token_mask=token_mask,
-            truncate_every=truncate_every,
-        )
-
-    def mrbp(
-        self,
-        params: Mapping[str, Any],
-        xs: Any,
-        M0: Any,
-        targets: Any,
-        *,
-        config: Any,
-        loss: Loss = Loss(),
-        resets: Any = None,
-        token_mask: Any = None,
-        truncate_every: int | None = None,
-    ) -> RoutingResult:
-        """MRBP with per-step autograd.backward; see :func:`routing.mrbp`."""
-        return routing.mrbp(
-            params,
-            xs,
-            M0,
-            targets,
-            config=config,
-            loss=loss,
-            resets=resets,
-            token_mask=token_mask,
-            truncate_every=truncate_every,
-        )
-
-    def sab_bptt(
-        self,
-        params: Mapping[str, Any],
-        xs: Any,
-        state0: Any,
-        targets: Any,
-        *,
-        config: Any,
-        loss: Loss = Loss(),
-    ) -> RoutingResult:
-        """SAB with chunked truncation, whole graph kept; see :func:`routing.sab_bptt`."""
-        return routing.sab_bptt(params, xs, state0, targets, config=config, loss=loss)
-
-    def sab_sparse_replay(
-        self,
-        params: Mapping[str, Any],
-        xs: Any,
-        state0: Any,
-        targets: Any,
-        *,
-        config: Any,
-        loss: Loss = Loss(),
-    ) -> RoutingResult:
-        """SAB sparse replay, chunks last to first; see :func:`routing.sab_sparse_replay`."""
-        return routing.sab_sparse_replay(params, xs, state0, targets, config=config, loss=loss)
