@@ -134,6 +134,10 @@ def _load(
 def _verify(args: argparse.Namespace, argv: Sequence[str]) -> int:
     # Before any backend import: JAX reads this once, and without it float64 is silently float32.
     os.environ.setdefault("JAX_ENABLE_X64", "1")
+    import importlib.util
+
+    if importlib.util.find_spec("hypothesis") is None:
+        return _usage("memcore verify needs hypothesis: pip install 'memcore[conformance]'")
     from memcore.conformance import report, selfcheck
     from memcore.conformance.runner import CHECK_DTYPES, pin_numerics, run_backend
     from memcore.conformance.xfails import bundled_xfail_file, load_xfails
