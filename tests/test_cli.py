@@ -144,3 +144,19 @@ def test_console_script_is_installed():
         )
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=False)
     assert out.returncode == 0 and "verify" in out.stdout
+
+
+def test_verify_all_passes_on_cpu_with_the_ci_profile(tmp_path):
+    """`memcore verify --backend all --profile ci` passes on this CPU machine: every installed
+    backend (numpy, torch, jax, array_api, template in CI), and the torch~jax cross check."""
+    pytest.importorskip("torch", reason="the CI environment installs torch; this run lacks it")
+    pytest.importorskip("jax", reason="the CI environment installs jax; this run lacks it")
+    path = tmp_path / "report.json"
+    out = _memcore("verify", "--backend", "all", "--profile", "ci", "--json", str(path), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
+    doc = json.loads(path.read_text())
+    names = {b["name"] for b in doc["backends"]}
+    assert {"numpy", "torch", "jax"} <= names
+    assert all(not b["error"] and b["summary"]["failed"] == 0 for b in doc["backends"])
+    cross = doc["self_check"]["cross"]
+    assert cross and all(r["ok"] for r in cross) and {r["backend"] for r in cross} == {"jax~torch"}
