@@ -321,6 +321,117 @@ def test_sparse_replay_holds_less_than_sab_bptt():
     assert stored < replay.peak_cache_bytes < whole.peak_cache_bytes / 3
 
 
+def _sab_inputs(T, cfg, *, B=2, I=2, Hd=3, A=2, O=2, seed=0, scale=1.0):  # noqa: E741
+    rng = np.random.default_rng(seed)
+    shapes = {
+        "lstm_w": (I + Hd, 4 * Hd),
+        "lstm_b": (4 * Hd,),
+        "w1": (Hd, A),
+        "w2": (Hd, A),
+        "w3": (A,),
+        "v1": (Hd, O),
+        "v2": (Hd, O),
+        "b_y": (O,),
+    }
+    params = {k: torch.tensor(rng.uniform(-1, 1, s)) for k, s in shapes.items()}
+    params["w3"] = params["w3"] * scale  # scale 0: every score is 0, all memories tie
+    xs, targets = (
+        torch.tensor(rng.uniform(-1, 1, (T, B, I))),
+        torch.tensor(rng.uniform(-1, 1, (T, B, O))),
+    )
+    state0 = (torch.tensor(rng.uniform(-1, 1, (B, Hd))), torch.tensor(rng.uniform(-1, 1, (B, Hd))))
+    return params, xs, state0, targets
+
+
+FAST_CASES = [
+    (SABConfig(k_top=2, k_att=2, k_trunc=3), 1.0, None),
+    (SABConfig(k_top=1, k_att=1, k_trunc=4, include_h0_memory=True), 1.0, None),
+    (SABConfig(k_top=3, k_att=1, k_trunc=2, threshold_grad=True), 1.0, None),
+    (
+        SABConfig(k_top=2, k_att=1, k_trunc=5, threshold_grad=True, include_h0_memory=True),
+        0.0,
+        None,
+    ),
+    (SABConfig(k_top=2, k_att=2, k_trunc=3, block_score_grad=True, threshold_grad=True), 1.0, None),
+    (SABConfig(k_top=8, k_att=1, k_trunc=3, eps=0.0), 1.0, None),  # N <= k_top throughout
+    (SABConfig(k_top=2, k_att=1, k_trunc=2, eps=0.0), 0.0, None),  # ties, zero normalizer
+    (SABConfig(k_top=1, k_att=2, k_trunc=3), 1.0, (0.0,) * 9 + (1.0, 0.0, 0.0)),  # skips
+]
+
+
+@pytest.mark.parametrize("cfg,scale,weights", FAST_CASES)
+def test_fast_retrieval_equals_plain_autograd(cfg, scale, weights):
+    """The drivers' memory-bank retrieval (hand-written backward) equals the plain autograd op
+    on stacked memories to float64 round-off, for bptt, sab_bptt and sparse replay."""
+    args = _sab_inputs(12, cfg, scale=scale, seed=3)
+    kw = dict(config=cfg, loss=Loss("mse", weights))
+    for name in ("sab_sparse_replay", "sab_bptt", "bptt"):
+        run = getattr(BE, name) if name != "bptt" else (lambda *a, **k: BE.bptt("sab", *a, **k))
+        fast, plain = run(*args, **kw), run(*args, retrieval="autograd", **kw)
+        _same(fast, plain, OWN, f"{name} {cfg}")
+        assert fast.replayed_chunks == plain.replayed_chunks
+        if scale != 0.0:  # the scorer is exercised: its weights get gradient
+            assert bool((fast.grads["w1"] != 0).any()), name
+    with pytest.raises(MemcoreError, match="`retrieval` must be one of fast, autograd"):
+        BE.sab_sparse_replay(*args, retrieval="dense", **kw)
+
+
+@pytest.mark.parametrize("threshold_grad", [False, True])
+@pytest.mark.parametrize("block_score_grad", [False, True])
+@pytest.mark.parametrize("k_top", [1, 2, 6])
+def test_bank_retrieve_backward_with_ties(threshold_grad, block_score_grad, k_top):
+    """bank_retrieve's hand-written backward equals autograd of sparse_retrieve when duplicated
+    memories tie at and around the threshold (the equal-split rule), bank gradient included."""
+    from memcore.backends.torch.sab import bank_retrieve, sparse_retrieve
+    from memcore.backends.torch.steps import SABMemories
+
+    rng = np.random.default_rng(k_top)
+    B, N, Hd, A = 3, 6, 4, 3
+    rows = torch.tensor(rng.uniform(-1, 1, (B, 3, Hd)))
+    memories = rows[:, [0, 1, 1, 2, 2, 2]]  # scores tie in pairs and triples
+    w1, w2, w3, h_hat = (
+        torch.tensor(rng.uniform(-1, 1, s)) for s in ((Hd, A), (Hd, A), (A,), (B, Hd))
+    )
+    ds = torch.tensor(rng.uniform(-1, 1, (B, Hd)))
+    cfg = SABConfig(k_top=k_top, threshold_grad=threshold_grad, block_score_grad=block_score_grad)
+    leaves = [v.clone().requires_grad_(True) for v in (h_hat, memories, w1, w2, w3)]
+    s, _ = sparse_retrieve(
+        *leaves, k_top=k_top, threshold_grad=threshold_grad, block_score_grad=block_score_grad
+    )
+    want = torch.autograd.grad(s, leaves, ds, allow_unused=True)
+    mem = SABMemories(N, h_hat)
+    mem.values.copy_(memories.transpose(0, 1))
+    mem.track()
+    fast_leaves = [v.clone().requires_grad_(True) for v in (h_hat, w1, w2, w3)]
+    s_fast = bank_retrieve(mem, N, *fast_leaves, None, cfg)
+    _close(s_fast, _np(s), OWN, "s")
+    got = torch.autograd.grad(s_fast, fast_leaves, ds, allow_unused=True)
+    got = [got[0], mem.grad.transpose(0, 1), *got[1:]]
+    for name, g, w in zip(("h_hat", "memories", "w1", "w2", "w3"), got, want):
+        if w is None or g is None:
+            assert (w is None or not bool(w.any())) and (g is None or not bool(g.any())), name
+        else:
+            _close(g, _np(w), OWN, name)
+
+
+def test_sparse_replay_peak_grows_by_stored_state_only():
+    """Doubling T adds exactly the new memories and boundary c's to sparse replay's peak (a
+    chunk's saved tensors do not grow with N); the plain stacked retrieval adds more."""
+    cfg = SABConfig(k_top=2, k_att=2, k_trunc=4)  # every boundary h after chunk 0 is a memory
+    B, Hd, T = 2, 3, 16
+    peaks = {}
+    for retrieval in ("fast", "autograd"):
+        peaks[retrieval] = [
+            BE.sab_sparse_replay(
+                *_sab_inputs(steps, cfg, B=B, Hd=Hd), config=cfg, retrieval=retrieval
+            ).peak_cache_bytes
+            for steps in (T, 2 * T)
+        ]
+    added = (T // cfg.k_att + T // cfg.k_trunc) * B * Hd * 8
+    assert peaks["fast"][1] - peaks["fast"][0] == added, peaks
+    assert peaks["autograd"][1] - peaks["autograd"][0] > added, peaks
+
+
 def test_routing_errors():
     """Bad routing input raises MemcoreError naming the argument."""
     params, xs, M0, targets, cfg = _memformer_inputs(3)

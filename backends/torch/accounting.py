@@ -2,12 +2,18 @@
 
 Counted: bytes of the distinct tensor storages that
 autograd saves for backward (counted with ``torch.autograd.graph.saved_tensors_hooks``)
-plus the states a driver stores itself (MRBP's M_0..M_T; sparse replay's chunk-boundary
-(h, c) and memory vectors), at the worst moment. Storages the caller holds anyway
-(parameters, xs, targets, masks) are not counted; a storage is counted once however
-many views of it are saved. BPTT's worst moment is the end of the forward (the whole
-graph); MRBP's is the stored memories plus the largest single-step graph; sparse
-replay's is the stored states plus the largest single-chunk graph.
+plus the states a driver stores itself (MRBP's M_0..M_T; the SAB drivers' memory bank
+(N_max, B, Hd), allocated whole; sparse replay's chunk-boundary (h, c), where a boundary h
+that is also a memory is a view of the bank and counts once), at the worst moment.
+Storages the caller holds anyway (parameters, xs, targets, masks) are not counted; a
+storage is counted once however many views of it are saved. Gradient accumulators are
+not caches (docs/semantics.md R.7): parameter grads and the SAB bank's memory-gradient
+accumulator (as large as the bank) are not counted. BPTT's worst moment is the end of the
+forward (the whole graph); MRBP's is the stored memories plus the largest single-step
+graph; sparse replay's is the stored states plus the largest single-chunk graph. With the
+SAB drivers' default ``retrieval="fast"`` a step saves h_hat and the top min(k_top + 1, N)
+scores and indices (all N with threshold_grad), not the (B, N, Hd) memories, so a chunk's
+graph does not grow with N.
 """
 
 from __future__ import annotations

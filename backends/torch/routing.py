@@ -1,7 +1,13 @@
 """Gradient routing in torch: BPTT, MRBP (Memformer Alg. 1) and SAB sparse replay.
 
 Every driver follows the routing contract of ``docs/semantics.md`` and returns a
-:class:`memcore.routing_types.RoutingResult`. Gradients come from torch autograd.
+:class:`memcore.routing_types.RoutingResult`. Gradients come from torch autograd, except
+one piece of the SAB drivers (``bptt("sab")``, ``sab_bptt``, ``sab_sparse_replay``): with
+``retrieval="fast"`` (the default) their sparse retrieval reads a preallocated memory bank
+through a custom autograd Function with a hand-written backward (``sab.bank_retrieve``),
+so a step neither copies nor saves all N memories; ``retrieval="autograd"`` runs the plain
+``sparse_retrieve`` op on stacked memories instead, and the tests pin both to the same
+results. The op's own VJP (``TorchBackend.vjp("sparse_retrieve", ...)``) is always autograd.
 
 Memory accounting (``peak_cache_bytes``) is described in :mod:`.accounting`.
 """
@@ -15,10 +21,10 @@ import torch
 
 from memcore.backends.torch.accounting import SavedBytes, held_tensors, nbytes_of
 from memcore.backends.torch.steps import (
+    SABMemories,
     loss_weight,
     memformer_step,
-    sab_step,
-    stack_memories,
+    sab_bank_step,
     step_loss,
 )
 from memcore.backends.torch.validate import check_memformer, check_sab
@@ -204,49 +210,55 @@ def mrbp(
     Returns:
         RoutingResult with d_state0 = dM_0 and final_state = M_T, equal to BPTT's.
     """
-    return _mrbp(
-        params,
-        xs,
-        M0,
-        targets,
-        config=config,
-        loss=loss,
-        resets=resets,
-        token_mask=token_mask,
-        truncate_every=truncate_every,
-    )
+    kw = dict(config=config, loss=loss, resets=resets, token_mask=token_mask)
+    return _mrbp(params, xs, M0, targets, truncate_every=truncate_every, **kw)
 
 
 # ---------------------------------------------------------------------- SAB
-def _sab_graph(P, xs, h, c, targets, config, loss, truncate):
-    """Whole-graph SAB forward: (L, h_T, c_T); ``truncate`` applies the k_trunc cuts."""
-    memories = [h] if config.include_h0_memory else []
+def _reads(t: int, config) -> int:
+    """N_t, the memories step t reads; also the slot step t writes when t % k_att == 0."""
+    return int(config.include_h0_memory) + (t - 1) // config.k_att
+
+
+def _sab_graph(P, xs, h, c, targets, config, loss, truncate, retrieval):
+    """Whole-graph SAB forward: (L, h_T, c_T, memories); ``truncate`` applies the k_trunc cuts."""
+    T = xs.shape[0]
+    mem = SABMemories(_reads(T + 1, config), h, retrieval)
+    mem.track()
+    if config.include_h0_memory:
+        mem.write(0, h)
     total = xs.new_zeros(())
-    for t in range(1, xs.shape[0] + 1):
+    for t in range(1, T + 1):
         if truncate and t > 1 and (t - 1) % config.k_trunc == 0:
             h, c = h.detach(), c.detach()
-        h, c, y, _ = sab_step(P, xs[t - 1], h, c, stack_memories(memories, h), config=config)
+        h, c, y = sab_bank_step(P, xs[t - 1], h, c, mem, _reads(t, config), config=config)
         total = total + loss_weight(loss.weights, t - 1) * step_loss(
             y, targets[t - 1], loss.kind, P
         )
         if t % config.k_att == 0:
-            memories.append(h)
-    return total, h, c
+            mem.write(_reads(t, config), h)
+    return total, h, c, mem
 
 
-def _sab_whole(params, xs, state0, targets, *, config, loss, truncate: bool) -> RoutingResult:
+def _sab_whole(params, xs, state0, targets, *, config, loss, truncate, retrieval):
     check_sab(params, xs, state0, targets, config=config, loss=loss)
     P = _leaves(params)
     h0, c0 = (s.detach().requires_grad_(True) for s in state0)
     with torch.enable_grad(), SavedBytes(held_tensors(params, xs, targets)) as saved:
-        total, h, c = _sab_graph(P, xs, h0, c0, targets, config, loss, truncate)
-        grads = torch.autograd.grad(total, list(P.values()) + [h0, c0], allow_unused=True)
+        total, h, c, mem = _sab_graph(P, xs, h0, c0, targets, config, loss, truncate, retrieval)
+        outs, cts = mem.roots()
+        grads = torch.autograd.grad(
+            [total] + outs,
+            list(P.values()) + [h0, c0],
+            [torch.ones_like(total)] + cts,
+            allow_unused=True,
+        )
     return RoutingResult(
         loss=float(total.detach()),
         grads=_grads(P, grads[:-2]),
         d_state0=(_zero_if_none(grads[-2], h0), _zero_if_none(grads[-1], c0)),
         final_state=(h.detach(), c.detach()),
-        peak_cache_bytes=saved.total,
+        peak_cache_bytes=saved.total + nbytes_of([mem.values]),  # saved tensors + the bank
     )
 
 
@@ -262,6 +274,7 @@ def bptt(
     resets=None,
     token_mask=None,
     truncate_every=None,
+    retrieval="fast",
 ) -> RoutingResult:
     """Full BPTT: every step kept, one reverse sweep: the exact gradient of the forward graph.
 
@@ -269,19 +282,12 @@ def bptt(
         step: "memformer" (state0 = M_0 (B, K, D)) or "sab" (state0 = (h0, c0), no chunk cuts;
             the step's own stop-gradients from threshold_grad / block_score_grad remain).
         resets, token_mask, truncate_every: memformer only (see :func:`mrbp`).
+        retrieval: sab only: "fast" (memory bank, hand-written retrieval backward) or
+            "autograd" (the plain op on stacked memories); equal results.
     """
     if step == "memformer":
-        return _bptt_memformer(
-            params,
-            xs,
-            state0,
-            targets,
-            config=config,
-            loss=loss,
-            resets=resets,
-            token_mask=token_mask,
-            truncate_every=truncate_every,
-        )
+        kw = dict(config=config, loss=loss, resets=resets, token_mask=token_mask)
+        return _bptt_memformer(params, xs, state0, targets, truncate_every=truncate_every, **kw)
     if step == "sab":
         for name, value in (
             ("resets", resets),
@@ -293,97 +299,98 @@ def bptt(
                     f"`{name}` must be None for step 'sab'. "
                     f"Received: {name} of type {type(value).__name__}"
                 )
-        return _sab_whole(params, xs, state0, targets, config=config, loss=loss, truncate=False)
+        kw = dict(config=config, loss=loss, truncate=False, retrieval=retrieval)
+        return _sab_whole(params, xs, state0, targets, **kw)
     raise MemcoreError(f"`step` must be one of 'memformer', 'sab'. Received: step={step!r}")
 
 
-def sab_bptt(params, xs, state0, targets, *, config, loss=Loss()) -> RoutingResult:
+def sab_bptt(params, xs, state0, targets, *, config, loss=Loss(), retrieval="fast"):
     """SAB with chunked truncation ((h, c) cut entering t = 1 + m k_trunc), whole graph kept.
 
     Args:
         params: SAB_PARAMS (+ head_w for xent); xs: (T, B, I); state0: (h0, c0), each (B, Hd).
         targets: (T, B, O) float (mse) or (T, B) class ids (xent); config: memcore.SABConfig.
+        retrieval: "fast" or "autograd" (see :func:`bptt`).
     """
-    return _sab_whole(params, xs, state0, targets, config=config, loss=loss, truncate=True)
+    return _sab_whole(
+        params, xs, state0, targets, config=config, loss=loss, truncate=True, retrieval=retrieval
+    )
 
 
-def sab_sparse_replay(params, xs, state0, targets, *, config, loss=Loss()) -> RoutingResult:
+def sab_sparse_replay(
+    params, xs, state0, targets, *, config, loss=Loss(), retrieval="fast"
+) -> RoutingResult:
     """The gradient of :func:`sab_bptt` keeping only chunk-boundary states and memory vectors.
 
-    A no-grad forward stores (h, c) entering each chunk and every memory vector. Chunks are
-    then replayed last to first: chunk c is recomputed from its boundary state with the
-    earlier memories as leaves, and back-propagates its weighted losses plus the gradient
-    that later chunks sent into the memories it wrote; the gradient reaching the earlier
-    memories is accumulated for the chunks that wrote them. A chunk with no non-zero loss
-    weight and no memory with non-zero gradient is skipped. ``replayed_chunks`` lists the
-    replayed 0-based chunk indices in replay order (descending).
+    A no-grad forward stores (h, c) entering each chunk and every memory vector (in one
+    (N_max, B, Hd) bank; a boundary h that is also a memory is a view of it). Chunks are
+    then replayed last to first: chunk c is recomputed from its boundary state reading the
+    stored memories, and back-propagates its weighted losses plus the gradient that later
+    chunks accumulated for the memories it wrote; its reads add gradient into the
+    accumulator of the memories they read. A chunk with no non-zero loss weight and no
+    memory with non-zero gradient is skipped. Loss weights decide on the host; only a
+    chunk without loss looks at the accumulator, one device check for a run of such
+    chunks until one of them is replayed. ``replayed_chunks`` lists the replayed 0-based
+    chunk indices in replay order (descending). ``retrieval``: see :func:`bptt`.
     """
     check_sab(params, xs, state0, targets, config=config, loss=loss)
-    cfg, T = config, int(xs.shape[0])
+    cfg, T, kt = config, int(xs.shape[0]), config.k_trunc
     P = _leaves(params)
-    n_chunks = -(-T // cfg.k_trunc)
     boundary: list[tuple[torch.Tensor, torch.Tensor]] = []
-    memories: list[torch.Tensor] = []
-    writer: list[int] = []  # chunk that wrote each memory (-1: h0)
     h, c = (s.detach() for s in state0)
+    mem = SABMemories(_reads(T + 1, cfg), h, retrieval)
     if cfg.include_h0_memory:
-        memories.append(h)
-        writer.append(-1)
+        mem.write(0, h)
     total = xs.new_zeros((), dtype=torch.float64)
     with torch.no_grad():
         for t in range(1, T + 1):
-            if (t - 1) % cfg.k_trunc == 0:
+            if (t - 1) % kt == 0:
                 boundary.append((h, c))
-            h, c, y, _ = sab_step(P, xs[t - 1], h, c, stack_memories(memories, h), config=cfg)
+            h, c, y = sab_bank_step(P, xs[t - 1], h, c, mem, _reads(t, cfg), config=cfg)
             total += loss_weight(loss.weights, t - 1) * step_loss(y, targets[t - 1], loss.kind, P)
             if t % cfg.k_att == 0:
-                memories.append(h)
-                writer.append((t - 1) // cfg.k_trunc)
-    final = (h, c)
-    stored_tensors = [s for pair in boundary for s in pair] + memories
+                mem.write(_reads(t, cfg), h)
+                h = mem.values[_reads(t, cfg)]  # the next boundary h shares the bank
+    final = (h.clone(), c)
+    stored_tensors = [s for pair in boundary for s in pair] + [mem.values]
     stored = nbytes_of(stored_tensors)
     held = held_tensors(P, xs, targets) + stored_tensors
-    d_mem: list[torch.Tensor | None] = [None] * len(memories)
-    d_h0 = d_c0 = None
+    d_h0 = d_c0 = flags = None
     replayed: list[int] = []
     chunk_peak = 0
-    for chunk in reversed(range(n_chunks)):
-        first, last = chunk * cfg.k_trunc + 1, min((chunk + 1) * cfg.k_trunc, T)
-        mine = [j for j, w in enumerate(writer) if w == chunk]
-        has_loss = any(loss_weight(loss.weights, t - 1) != 0.0 for t in range(first, last + 1))
-        fed = any(d_mem[j] is not None and bool((d_mem[j] != 0).any()) for j in mine)
-        if not (has_loss or fed):
-            continue
+    for chunk in reversed(range(len(boundary))):
+        first, last = chunk * kt + 1, min((chunk + 1) * kt, T)
+        lo, hi = _reads(first, cfg), _reads(last + 1, cfg)  # the slots this chunk writes
+        if not any(loss_weight(loss.weights, t - 1) != 0.0 for t in range(first, last + 1)):
+            if lo == hi or not replayed:
+                continue  # nothing can have sent gradient into this chunk
+            if flags is None:  # valid for every chunk down to the next replay
+                flags = mem.grad[:hi].ne(0).flatten(1).any(1).tolist()
+            if not any(flags[lo:hi]):
+                continue
+        flags = None
         replayed.append(chunk)
-        n_before = sum(1 for w in writer if w < chunk)  # writers are in time order
-        earlier = [m.detach().requires_grad_(True) for m in memories[:n_before]]
+        mem.begin_chunk(lo)
         h, c = (s.detach().requires_grad_(chunk == 0) for s in boundary[chunk])
         h_in, c_in = h, c
-        live = list(earlier)
         with torch.enable_grad(), SavedBytes(held) as saved:
             l_chunk = xs.new_zeros(())
-            outs, cts = [], []
             for t in range(first, last + 1):
-                h, c, y, _ = sab_step(P, xs[t - 1], h, c, stack_memories(live, h), config=cfg)
+                h, c, y = sab_bank_step(P, xs[t - 1], h, c, mem, _reads(t, cfg), config=cfg)
                 l_chunk = l_chunk + loss_weight(loss.weights, t - 1) * step_loss(
                     y, targets[t - 1], loss.kind, P
                 )
                 if t % cfg.k_att == 0:
-                    j = len(live)
-                    live.append(h)
-                    if d_mem[j] is not None:
-                        outs.append(h)
-                        cts.append(d_mem[j])
+                    mem.write(_reads(t, cfg), h, store=False)
+            outs, cts = mem.roots()
             torch.autograd.backward([l_chunk] + outs, [torch.ones_like(l_chunk)] + cts)
+        mem.end_chunk()
         chunk_peak = max(chunk_peak, saved.total)
-        for j, leaf in enumerate(earlier):
-            if leaf.grad is not None:
-                d_mem[j] = leaf.grad if d_mem[j] is None else d_mem[j] + leaf.grad
         if chunk == 0:
             d_h0, d_c0 = h_in.grad, c_in.grad
     d_h0 = _zero_if_none(d_h0, state0[0])
-    if cfg.include_h0_memory and d_mem[0] is not None:
-        d_h0 = d_h0 + d_mem[0]  # h0 read as a memory: its reads' gradient joins dh0
+    if cfg.include_h0_memory and mem.grad is not None:
+        d_h0 = d_h0 + mem.grad[0]  # h0 read as a memory: its reads' gradient joins dh0
     return RoutingResult(
         loss=float(total),
         grads={k: _zero_if_none(v.grad, v) for k, v in P.items()},
