@@ -209,6 +209,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--check-T", type=int, default=40)
     p.add_argument("--check-tol", type=float, default=1e-4)
     p.add_argument("--device", default="cuda" if cuda() else "cpu")
+    p.add_argument(
+        "--score-block",
+        type=int,
+        default=None,
+        help="memories x batch x A scored per block in the torch SAB drivers "
+        "(memcore.backends.torch.sab.SCORE_BLOCK_ELEMENTS; default: the library's)",
+    )
     p.add_argument("--out", default=None)
     return p
 
@@ -216,6 +223,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns (and writes to --out) the JSON payload."""
     args = parser().parse_args(argv)
+    if args.score_block is not None:
+        from memcore.backends.torch import sab as torch_sab
+
+        torch_sab.SCORE_BLOCK_ELEMENTS = args.score_block
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # tiny matmuls: fp32 keeps the check exact
     err = check(args, device)
@@ -227,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             k: getattr(args, k) for k in ("B", "Hd", "I", "O", "A", "k_top", "k_att", "k_trunc")
         },
         "check": {"T": args.check_T, "rel_err_replay_vs_sab_bptt": err},
+        "score_block_elements": args.score_block,
         "rows": [],
     }
     if args.warmup_T:
