@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from memcore.conformance.checks import host, to_backend
 from memcore.conformance.compare import Comparison, compare, failure, worst
-from memcore.conformance.routing_checks import _call, _inputs, compare_results
+from memcore.conformance.routing_checks import call_driver, compare_results, driver_inputs
 from memcore.conformance.runner import EXAMPLES, CheckResult, drive
 from memcore.conformance.strategies import build_case, memformer_layouts, sab_layouts, seeds, sizes
 from memcore.conformance.tolerances import Tol, tolerance
@@ -125,8 +125,8 @@ def _routing_unit(a: Any, b: Any, step: str, method: str, layout_strategy: Any, 
         for k in range(per):
             case = build_case(layout, seed + k)
             try:
-                got = _call(a, method, case, _inputs(a, case, dtype, devices[0]))
-                want = _call(b, method, case, _inputs(b, case, dtype, devices[1]))
+                got = call_driver(a, method, case, driver_inputs(a, case, dtype, devices[0]))
+                want = call_driver(b, method, case, driver_inputs(b, case, dtype, devices[1]))
                 comps.extend(compare_results(a, got, want, b, tol))
             except Exception as exc:  # noqa: BLE001
                 state["msg"] = state["msg"] or f"{type(exc).__name__}: {exc}"

@@ -71,7 +71,7 @@ def _missing(backend: Any, methods: tuple[str, ...], who: str) -> str:
     )
 
 
-def _inputs(backend: Any, case: RoutingCase, dtype: str, device: str) -> dict[str, Any]:
+def driver_inputs(backend: Any, case: RoutingCase, dtype: str, device: str) -> dict[str, Any]:
     def conv(x: Any) -> Any:
         if x is None:
             return None
@@ -100,7 +100,7 @@ def _read_back(backend: Any, value: Any) -> Any:
     return h.astype(np.float64) if h.dtype.kind == "f" else h
 
 
-def _call(backend: Any, method: str, case: RoutingCase, arrays: dict[str, Any]) -> Any:
+def call_driver(backend: Any, method: str, case: RoutingCase, arrays: dict[str, Any]) -> Any:
     p, xs, s0, tg = arrays["params"], arrays["xs"], arrays["state0"], arrays["targets"]
     if case.step == "memformer":
         kw = {
@@ -163,10 +163,10 @@ def routing_example(backend: Any, case: RoutingCase, dtype: str, device: str) ->
     ref = reference_backend()
     checks = [c for c in ROUTING_CHECKS[case.step] if c != "errors"]
     out: dict[str, Outcome] = {}
-    arrays = _inputs(backend, case, dtype, device)
+    arrays = driver_inputs(backend, case, dtype, device)
     # The reference runs in float64 on the values the backend received.
     ref_case = _float64_case(backend, case, arrays)
-    ref_arrays = _inputs(ref, ref_case, "float64", "cpu")
+    ref_arrays = driver_inputs(ref, ref_case, "float64", "cpu")
     results: dict[str, Any] = {}
     errors: dict[str, str] = {}
     main = "mrbp" if case.step == "memformer" else "sab_sparse_replay"
@@ -177,7 +177,7 @@ def routing_example(backend: Any, case: RoutingCase, dtype: str, device: str) ->
         if not callable(getattr(who, method, None)):
             return
         try:
-            results[key] = _call(who, method, c, a)
+            results[key] = call_driver(who, method, c, a)
         except Exception as exc:  # noqa: BLE001 - reported as the check's failure
             errors[key] = f"{method} raised {type(exc).__name__}: {exc}"
 
@@ -251,7 +251,7 @@ def routing_errors(backend: Any, case: RoutingCase, dtype: str, device: str) -> 
     for method in methods:
         for label, bad in bad_cases.items():
             try:
-                _call(backend, method, bad, _inputs(backend, bad, dtype, device))
+                call_driver(backend, method, bad, driver_inputs(backend, bad, dtype, device))
             except MemcoreError:
                 continue
             except Exception as exc:  # noqa: BLE001

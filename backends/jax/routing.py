@@ -37,7 +37,7 @@ from memcore.backends.jax.sab_routing import sab_bptt, sab_full_bptt, sab_sparse
 from memcore.backends.jax.steps import memformer_step, step_loss
 
 # The reference's entry checks, so every backend rejects bad input with the same message.
-from memcore.reference.routing._checks import check_memformer, reject_memformer_only
+from memcore.routing_validation import check_memformer, reject_memformer_only
 
 from memcore.errors import MemcoreError
 from memcore.routing_types import Loss, RoutingResult

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from memcore.backends.jax._driver import held_bytes, tree_add, vjp_driver, weights_array
 from memcore.backends.jax.steps import sab_step, step_loss
-from memcore.reference.routing._checks import check_sab
+from memcore.routing_validation import check_sab
 
 from memcore.routing_types import Loss, RoutingResult
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from memcore.reference.routing._checks import reject_memformer_only
+from memcore.routing_validation import reject_memformer_only
 from memcore.reference.routing.losses import DEFAULT_LOSS
 from memcore.reference.routing.memformer import memformer_bptt, memformer_unroll, mrbp
 from memcore.reference.routing.replay import sab_sparse_replay

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from memcore.reference._xp import array_namespace
-from memcore.reference.routing._checks import FORWARD_ONLY, check_memformer
+from memcore.routing_validation import FORWARD_ONLY, check_memformer
 from memcore.reference.routing._common import GradSums, loss_cotangent
 from memcore.reference.routing.accounting import PeakTracker
 from memcore.reference.routing.losses import DEFAULT_LOSS, loss_forward, step_weights

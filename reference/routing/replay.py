@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from memcore.reference._xp import array_namespace
-from memcore.reference.routing._checks import check_sab
+from memcore.routing_validation import check_sab
 from memcore.reference.routing._common import GradSums
 from memcore.reference.routing.accounting import PeakTracker
 from memcore.reference.routing.losses import DEFAULT_LOSS, loss_forward, step_weights
