@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from memcore.backends.torch.attention import memory_read
 from memcore.backends.torch.memory import memory_write
 from memcore.backends.torch.modules import MemoryReader, MemoryWriter
@@ -95,12 +96,21 @@ class MemformerLM(nn.Module):
         """M_0 = normalize(v_bias) (B, K, D), differentiable with respect to v_bias."""
         return self.writer.init_memory(batch)
 
-    def encode(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """tokens: (B, L) ids, memory: (B, K, D) -> last layer's output (B, L, D)."""
+    def encode(
+        self, tokens: torch.Tensor, memory: torch.Tensor, recompute: bool = False
+    ) -> torch.Tensor:
+        """tokens: (B, L) ids, memory: (B, K, D) -> last layer's output (B, L, D).
+
+        ``recompute``: keep only each layer's input for backward and recompute the layer
+        in it (``torch.utils.checkpoint``), so one layer's graph is alive at a time.
+        """
         validate = not self._validated
         x = self.emb(tokens)
         for layer in self.layers:
-            x = layer(x, memory, validate)
+            if recompute and not validate and torch.is_grad_enabled():
+                x = _recomputed(layer, x, memory, False)
+            else:
+                x = layer(x, memory, validate)
         self._validated = True
         return x
 
@@ -116,11 +126,30 @@ class MemformerLM(nn.Module):
         """The memory update alone (no head, no loss): what MRBP's no-grad forward needs."""
         return self.write(memory, self.encode(tokens, memory))
 
-    def segment_loss(
-        self, tokens: torch.Tensor, targets: torch.Tensor, memory: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean next-token cross-entropy of the segment, M') for tokens, targets (B, L)."""
-        x = self.encode(tokens, memory)
+    def _head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.ln_out(x))
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
-        return loss, self.write(memory, x)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+    def segment_loss(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor,
+        memory: torch.Tensor,
+        recompute: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean next-token cross-entropy of the segment, M') for tokens, targets (B, L).
+
+        ``recompute``: per-block recomputation inside the segment (each layer, the head
+        with the loss, and the write), for MRBP's replayed step: its backward then holds
+        one block's graph at a time instead of the whole segment's.
+        """
+        x = self.encode(tokens, memory, recompute)
+        if recompute and torch.is_grad_enabled():
+            return _recomputed(self._head_loss, x, targets), _recomputed(self.write, memory, x)
+        return self._head_loss(x, targets), self.write(memory, x)
+
+
+def _recomputed(fn, *args):
+    # No dropout or other randomness in the model, so no RNG state to save (which would
+    # also be illegal inside a CUDA graph capture).
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from memcore.backends.torch.stash import MemoryStash
+
 from bench.lm_model import MemformerLM
 
 __all__ = ["METHODS", "GraphedBPTT", "GraphedMRBP", "bptt", "checkpointed", "mrbp"]
@@ -67,22 +69,38 @@ def checkpointed(model: MemformerLM, tokens: torch.Tensor, targets: torch.Tensor
     return total.detach()
 
 
-def mrbp(model: MemformerLM, tokens: torch.Tensor, targets: torch.Tensor, amp=None):
-    """MRBP (Memformer Alg. 1): memories-only forward, then per-segment recompute + VJP."""
+def mrbp(
+    model: MemformerLM,
+    tokens: torch.Tensor,
+    targets: torch.Tensor,
+    amp=None,
+    *,
+    stash: str = "device",
+    recompute: bool = False,
+):
+    """MRBP (Memformer Alg. 1): memories-only forward, then per-segment recompute + VJP.
+
+    ``stash``: where M_0..M_{T-1} wait for the backward (:class:`MemoryStash`: "device",
+    or "host" to offload them); ``recompute``: per-block recomputation inside the replayed
+    segment (:meth:`MemformerLM.segment_loss`).
+    """
     T, B = tokens.shape[:2]
     dev = tokens.device
     with _amp(dev, amp):
         M0 = model.init_memory(B)  # its graph reaches v_bias; dM_0 is sent through it last
-    memories = [M0.detach()]
+    memories = MemoryStash(stash)
+    M = M0.detach()
     with torch.no_grad(), _amp(dev, amp):
         for t in range(T):
-            memories.append(model.advance(tokens[t], memories[-1]))
+            memories.push(M)
+            M = model.advance(tokens[t], M)
+    del M  # M_T does not reach the loss
     total = torch.zeros((), device=dev)
     d_memory = None
     for t in reversed(range(T)):
-        M_in = memories[t].requires_grad_(True)
+        M_in = memories.pop().requires_grad_(True)
         with _amp(dev, amp):
-            l_t, M_next = model.segment_loss(tokens[t], targets[t], M_in)
+            l_t, M_next = model.segment_loss(tokens[t], targets[t], M_in, recompute)
             l_t = l_t / T
         if d_memory is None:
             l_t.backward()  # M_T does not reach the loss
@@ -90,7 +108,6 @@ def mrbp(model: MemformerLM, tokens: torch.Tensor, targets: torch.Tensor, amp=No
             torch.autograd.backward([l_t, M_next], [torch.ones_like(l_t), d_memory])
         total += l_t.detach()
         d_memory = M_in.grad
-        memories[t + 1] = None  # M_{t+1} is no longer needed: free it as we go
     M0.backward(d_memory)
     return total
 
@@ -138,11 +155,21 @@ class GraphedMRBP(_Graphed):
 
     Args:
         model: the LM (its parameters on a CUDA device); batch: B; seq: L; amp: autocast
-        dtype or None.
+        dtype or None; stash, recompute: as in :func:`mrbp`.
     """
 
-    def __init__(self, model: MemformerLM, batch: int, seq: int, amp=None) -> None:
+    def __init__(
+        self,
+        model: MemformerLM,
+        batch: int,
+        seq: int,
+        amp=None,
+        *,
+        stash: str = "device",
+        recompute: bool = False,
+    ) -> None:
         super().__init__(model, amp)
+        self.stash, self.recompute = stash, recompute
         dev = self.params[0].device
         K, D = model.writer.v_bias.shape
         self.tok = torch.randint(0, 2, (batch, seq), device=dev)
@@ -161,7 +188,7 @@ class GraphedMRBP(_Graphed):
 
     def _backward(self) -> torch.Tensor:
         with torch.enable_grad(), self._ctx():
-            l_t, M_next = self.model.segment_loss(self.tok, self.tgt, self.M_leaf)
+            l_t, M_next = self.model.segment_loss(self.tok, self.tgt, self.M_leaf, self.recompute)
             l_t = l_t * self.weight
         grads = torch.autograd.grad(
             [l_t, M_next],
@@ -182,21 +209,23 @@ class GraphedMRBP(_Graphed):
         self.weight.fill_(1.0 / T)
         with _amp(tokens.device, self.amp):
             M0 = self.model.init_memory(B)
-        memories = [M0.detach()]
+        memories = MemoryStash(self.stash)
+        memories.push(M0.detach())
+        self.M.copy_(M0.detach())
         for t in range(T):
             self.tok.copy_(tokens[t])
-            self.M.copy_(memories[-1])
             self.g_adv.replay()
-            memories.append(self.M_out.clone())
-        self.dM.zero_()  # M_T does not reach the loss
+            if t < T - 1:  # M_T does not reach the loss
+                memories.push(self.M_out.clone())  # M_out is the graph's buffer: push a copy
+                self.M.copy_(self.M_out)
+        self.dM.zero_()
         for t in reversed(range(T)):
             self.tok.copy_(tokens[t])
             self.tgt.copy_(targets[t])
             with torch.no_grad():
-                self.M_leaf.copy_(memories[t])
+                self.M_leaf.copy_(memories.pop())
             self.g_bwd.replay()
             self.dM.copy_(self.dM_out)
-            memories[t + 1] = None
         self._publish()
         M0.backward(self.dM)
         return self.loss_acc.clone()

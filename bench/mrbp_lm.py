@@ -50,30 +50,57 @@ def random_batch(T: int, args: argparse.Namespace, device: torch.device, seed: i
     return tokens.to(device), targets.to(device)
 
 
+OPTIONS = {"host": ("stash", "host"), "layers": ("recompute", True)}
+"""MRBP method suffixes: ``mrbp+host`` offloads the stored memories to pinned host memory
+(:class:`memcore.backends.torch.stash.MemoryStash`); ``mrbp+layers`` recomputes each block
+of the replayed segment in its backward. They combine (``mrbp_graph+host+layers``)."""
+
+
+def parse_method(name: str) -> tuple[str, dict[str, Any]]:
+    """("mrbp_graph", {"stash": "host"}) from "mrbp_graph+host"; options only on MRBP."""
+    base, *opts = name.split("+")
+    known = set(METHODS) | {"mrbp_graph", "bptt_graph"}
+    if base not in known or (opts and not base.startswith("mrbp")):
+        raise ValueError(f"unknown method {name!r}: expected one of {sorted(known)}, options "
+                         f"+{' +'.join(OPTIONS)} on the mrbp methods only")  # fmt: skip
+    bad = [o for o in opts if o not in OPTIONS]
+    if bad:
+        raise ValueError(f"unknown option(s) {bad} in {name!r}: expected {sorted(OPTIONS)}")
+    return base, dict(OPTIONS[o] for o in opts)
+
+
 def make_runner(name: str, model: MemformerLM, tokens, targets, amp, args) -> Callable[[], Any]:
     """A no-argument callable running one training iteration of method ``name``."""
-    if name == "mrbp_graph":
-        graphed = GraphedMRBP(model, args.B, args.L, amp)
+    base, opts = parse_method(name)
+    if base == "mrbp_graph":
+        graphed = GraphedMRBP(model, args.B, args.L, amp, **opts)
         return lambda: graphed(tokens, targets)
-    if name == "bptt_graph":
+    if base == "bptt_graph":
         graphed_b = GraphedBPTT(model, tokens, targets, amp)
         return lambda: graphed_b(tokens, targets)
-    fn = METHODS[name]
-    return lambda: fn(model, tokens, targets, amp)
+    fn = METHODS[base]
+    return lambda: fn(model, tokens, targets, amp, **opts)
 
 
 def _grads(model: MemformerLM, run: Callable[[], Any]) -> list[torch.Tensor]:
+    """The gradients of one iteration, copied to the host: held for the comparisons, they
+    must not count in the device memory of the methods measured after them."""
     model.zero_grad(set_to_none=False)
     run()
-    out = [p.grad.detach().clone() for p in model.parameters()]
+    out = [p.grad.detach().to("cpu", copy=True) for p in model.parameters()]
     model.zero_grad(set_to_none=False)
     return out
 
 
 def _methods(args: argparse.Namespace) -> list[str]:
     names = [m for m in args.methods.split(",") if m]
+    for m in names:
+        parse_method(m)  # unknown names fail before anything runs
     if not cuda():
-        names = [m for m in names if not m.endswith("_graph")]  # CUDA graphs need a GPU
+        skipped = [m for m in names if "_graph" in m]
+        if skipped:
+            print(f"skipping {', '.join(skipped)}: needs CUDA (CUDA graphs)", flush=True)
+        names = [m for m in names if "_graph" not in m]
     return names
 
 
@@ -118,7 +145,7 @@ def bench_config(model, args, device, precision: str, T: int) -> list[dict[str, 
                 torch.cuda.empty_cache()
                 before = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
             run = make_runner(name, model, tokens, targets, amp, args)
-            if cuda() and name.endswith("_graph"):
+            if cuda() and "_graph" in name:
                 torch.cuda.empty_cache()
                 # Reserved but not allocated after capture: the graphs' private pool, which
                 # replays use without the allocator seeing it (live tensors count already).
@@ -127,6 +154,7 @@ def bench_config(model, args, device, precision: str, T: int) -> list[dict[str, 
             if ref is None:
                 ref = grads  # BPTT runs first
             row["grad_rel_err_vs_bptt"] = rel_error(grads, ref)
+            grads = None
             tol = args.tol_bf16 if amp is not None else args.tol_fp32
             assert row["grad_rel_err_vs_bptt"] < tol, f"{name} {precision} T={T}: {row}"
             row.update(median_time(run, repeat=args.repeat, warmup=args.warmup))
@@ -155,11 +183,41 @@ def bench_config(model, args, device, precision: str, T: int) -> list[dict[str, 
     return rows
 
 
+def _fit_run(name, model, args, device, T: int) -> dict[str, Any]:
+    """One method at T under the memory cap: time (1 warm-up, ``--fit-repeat`` runs) and
+    the footprint, or {"oom": True}."""
+    tokens, targets = random_batch(T, args, device, seed=3)
+    run = None
+    try:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        run = make_runner(name, model, tokens, targets, None, args)
+        out = median_time(run, repeat=args.fit_repeat, warmup=1)
+        out["peak_reserved"] = torch.cuda.max_memory_reserved()
+        out["peak_allocated"] = torch.cuda.max_memory_allocated()
+        out["tokens_per_s"] = T * args.B * args.L / out["median_s"]
+        return out
+    except torch.cuda.OutOfMemoryError:
+        return {"oom": True}
+    finally:
+        run = tokens = targets = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        model.zero_grad(set_to_none=False)
+
+
 def fit_memory(model, args, device, rows, gib: float) -> list[dict[str, Any]]:
-    """Largest T per method with peak footprint <= ``gib`` GiB (fp32): predicted from the
-    linear fit of the measured peaks, then run under a cap of that size (shrinking on OOM)."""
+    """Largest T per method in ``gib`` GiB (fp32), bracketed by runs under that cap.
+
+    T is predicted from the linear fit of the measured footprints; the method then runs at
+    T under ``torch.cuda.set_per_process_memory_fraction`` (shrinking T by ``--fit-step``
+    after an out-of-memory error) and once more at T * (1 + step), which must fail for the
+    bracket [T, T * (1 + step)) to hold. A method whose footprint does not grow with T
+    (memories offloaded to the host) is run at ``--fit-max-T`` and reported as not bound
+    by device memory there."""
     out = []
     cap = gib * GIB
+    step = args.fit_step
     torch.cuda.set_per_process_memory_fraction(
         min(1.0, cap / torch.cuda.get_device_properties(0).total_memory)
     )
@@ -174,28 +232,25 @@ def fit_memory(model, args, device, rows, gib: float) -> list[dict[str, Any]]:
                 continue
             (t0, m0), (t1, m1) = pts[0], pts[-1]
             slope = (m1 - m0) / (t1 - t0)
-            T = min(args.fit_max_T, int((cap - (m0 - slope * t0)) / slope))
+            flat = slope <= 0 or (cap - (m0 - slope * t0)) / slope > args.fit_max_T
+            T = args.fit_max_T if flat else int((cap - (m0 - slope * t0)) / slope)
             row: dict[str, Any] = {"method": name, "bytes_per_segment": slope, "predicted_T": T}
-            for _ in range(4):
-                tokens, targets = random_batch(T, args, device, seed=3)
-                torch.cuda.reset_peak_memory_stats()
-                try:
-                    run = make_runner(name, model, tokens, targets, None, args)
-                    row.update(median_time(run, repeat=2, warmup=1), T=T)
-                    row["tokens_per_s"] = T * args.B * args.L / row["median_s"]
-                    row["peak_reserved"] = torch.cuda.max_memory_reserved()
+            for _ in range(6):
+                res = _fit_run(name, model, args, device, T)
+                if not res.get("oom"):
+                    row.update(res, T=T)
                     break
-                except torch.cuda.OutOfMemoryError:
-                    T = int(T * 0.9)
-                finally:
-                    run = None
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                    model.zero_grad(set_to_none=False)
+                row.setdefault("oom_at", []).append(T)
+                T = int(T * (1 - step))
+            if "median_s" in row and not flat:
+                above = max(T + 1, math.ceil(T * (1 + step)))
+                res = _fit_run(name, model, args, device, above)
+                row["above_T"] = above
+                row["above_oom"] = bool(res.get("oom"))
+            row["bound"] = "host memory / time (device footprint flat)" if flat else "device"
             out.append(row)
-            print(f"fit {gib} GiB: {row}", flush=True)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            print(f"fit {gib} GiB: {({k: v for k, v in row.items() if k != 'samples_s'})}",
+                  flush=True)  # fmt: skip
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     return out
@@ -250,6 +305,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tol-bf16", type=float, default=1e-1, help="bf16 rel-error bound vs BPTT")
     p.add_argument("--fit-gib", type=float, default=0.0, help="find the largest T in this many GiB")
     p.add_argument("--fit-max-T", type=int, default=2048)
+    p.add_argument("--fit-step", type=float, default=0.05, help="bracket width of the fit")
+    p.add_argument("--fit-repeat", type=int, default=1, help="timed runs at the fitted T")
     p.add_argument(
         "--write",
         choices=("torch", "fused"),

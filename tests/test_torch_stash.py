@@ -1,0 +1,98 @@
+"""MemoryStash: MRBP's memories kept on the device or offloaded to pinned host memory."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the stash is torch code")
+
+from memcore.backends.torch.stash import MemoryStash
+from memcore.errors import MemcoreError
+
+CUDA = torch.cuda.is_available()
+
+
+def _roundtrip(stash: MemoryStash, device: str, n: int = 5) -> None:
+    xs = [torch.randn(3, 4, 6, device=device) for _ in range(n)]
+    copies = [x.clone() for x in xs]
+    for x in xs:
+        stash.push(x)
+    assert len(stash) == n
+    for want in reversed(copies):
+        got = stash.pop()
+        assert got.device == want.device and torch.equal(got, want)
+    assert len(stash) == 0
+    assert all(torch.equal(x, c) for x, c in zip(xs, copies))  # inputs untouched
+
+
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_stash_is_a_stack_on_the_cpu(where):
+    _roundtrip(MemoryStash(where), "cpu")
+
+
+def test_stash_interleaves_push_and_pop():
+    stash = MemoryStash("host")
+    a, b, c = (torch.full((2,), float(v)) for v in (1, 2, 3))
+    stash.push(a)
+    stash.push(b)
+    assert torch.equal(stash.pop(), b)
+    stash.push(c)
+    assert torch.equal(stash.pop(), c) and torch.equal(stash.pop(), a)
+
+
+def test_stash_errors_name_the_argument():
+    with pytest.raises(MemcoreError, match=r"`where` must be one of 'device', 'host'.*'disk'"):
+        MemoryStash("disk")
+    with pytest.raises(MemcoreError, match="`tensor` must be a torch.Tensor.*list"):
+        MemoryStash().push([1.0])
+    with pytest.raises(MemcoreError, match="empty MemoryStash"):
+        MemoryStash().pop()
+
+
+def test_stash_detaches():
+    x = torch.randn(2, requires_grad=True)
+    stash = MemoryStash()
+    stash.push(x * 2)
+    assert not stash.pop().requires_grad
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_stash_offloads_to_pinned_host_memory_on_cuda(prefetch):
+    stash = MemoryStash("host", prefetch=prefetch)
+    _roundtrip(stash, "cuda")
+    x = torch.randn(256, 1024, device="cuda")
+    stash.push(x)
+    assert stash.host_bytes == x.nbytes
+    assert stash._items[-1].host.is_pinned()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_stash_host_keeps_device_memory_flat():
+    """Pushing 8 (32 MiB) tensors to the host leaves at most a few of them on the device."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    stash = MemoryStash("host")
+    x = torch.randn(8 << 20, device="cuda")
+    for _ in range(8):
+        stash.push(x.clone())  # each clone is freed once its copy has been read
+    torch.cuda.synchronize()
+    torch.empty(1, device="cuda")  # an allocation lets the allocator retire finished frees
+    held = torch.cuda.memory_allocated() - base - x.nbytes
+    assert held <= 2 * x.nbytes, held
+    for _ in range(8):
+        assert torch.equal(stash.pop(), x)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_stash_survives_the_source_being_overwritten_after_push():
+    """A pushed clone is safe even if the caller reuses its source buffer at once."""
+    buf = torch.randn(1 << 20, device="cuda")
+    stash = MemoryStash("host")
+    want = []
+    for i in range(4):
+        buf.mul_(1.5).add_(i)
+        want.append(buf.clone())
+        stash.push(buf.clone())
+    for w in reversed(want):
+        assert torch.equal(stash.pop(), w)
