@@ -63,8 +63,9 @@ def test_reader_and_writer_call_the_ops():
         writer(m[:, :, :-1], x)
 
 
+@pytest.mark.parametrize("stash", ["device", "host"])
 @pytest.mark.parametrize("kind", ["mse", "xent"])
-def test_train_mrbp_leaves_bptt_grads(kind):
+def test_train_mrbp_leaves_bptt_grads(kind, stash):
     """train_mrbp's .grad equals autograd of the whole rollout, including M_0 = init_memory."""
     reader, writer = _modules()
     g = torch.Generator().manual_seed(2)
@@ -77,7 +78,15 @@ def test_train_mrbp_leaves_bptt_grads(kind):
     resets = torch.tensor([[False, False], [True, False], [False, False], [False, True]])
     loss = Loss(kind, (1.0, 0.5, 0.0, 2.0))
     result = train_mrbp(
-        reader, writer, xs, writer.init_memory(B), targets, loss=loss, resets=resets, head=head
+        reader,
+        writer,
+        xs,
+        writer.init_memory(B),
+        targets,
+        loss=loss,
+        resets=resets,
+        head=head,
+        stash=stash,
     )
     params = memformer_params(reader, writer, head)
     got = {k: p.grad.clone() for k, p in params.items()}
@@ -115,6 +124,8 @@ def test_train_mrbp_accumulates_and_checks():
         train_mrbp(MemoryReader(D, 3, dtype=F64), writer, xs, M0, targets)
     with pytest.raises(MemcoreError, match="`targets` must have shape"):
         train_mrbp(reader, writer, xs, M0, targets[:1])
+    with pytest.raises(MemcoreError, match="`stash` must be one of 'device', 'host'.*'gpu'"):
+        train_mrbp(reader, writer, xs, M0, targets, stash="gpu")
 
 
 @pytest.mark.parametrize("include_h0", [False, True])

@@ -16,6 +16,7 @@ from torch import nn
 from memcore.backends.torch.attention import memory_read
 from memcore.backends.torch.memory import memory_init, memory_reset, memory_write
 from memcore.backends.torch.routing import mrbp_accumulate
+from memcore.backends.torch.stash import WHERE, MemoryStash
 from memcore.backends.torch.steps import sab_step, stack_memories
 from memcore.backends.torch.validate import check_memformer
 from memcore.config import MemoryConfig, SABConfig
@@ -156,6 +157,7 @@ def train_mrbp(
     token_mask: torch.Tensor | None = None,
     truncate_every: int | None = None,
     head: torch.Tensor | None = None,
+    stash: str = "device",
 ) -> MRBPResult:
     """One MRBP rollout (Memformer Alg. 1) that leaves dL/dparam in the modules' ``.grad``.
 
@@ -169,6 +171,9 @@ def train_mrbp(
         xs: (T, B, L, D); M0: (B, K, D); targets: (T, B, L, D) (mse) or (T, B, L) ids (xent).
         loss: per-step loss and weights; head: (D, C) linear head for xent (its .grad too).
         resets: (T, B) bool; token_mask: (T, B, L) bool; truncate_every: see routing.mrbp.
+        stash: where the stored memories M_0..M_{T-1} wait for the backward: "device", or
+            "host" to offload them to pinned host memory (:class:`MemoryStash`), which keeps
+            the device's share flat in T at the same gradients.
 
     Returns:
         MRBPResult(loss, M_T).
@@ -186,6 +191,10 @@ def train_mrbp(
         token_mask=token_mask,
         truncate_every=truncate_every,
     )
+    if stash not in WHERE:
+        raise MemcoreError(
+            f"`stash` must be one of {', '.join(map(repr, WHERE))}. Received: stash={stash!r}"
+        )
     total, d0, M_T, _ = mrbp_accumulate(
         P,
         xs,
@@ -196,6 +205,7 @@ def train_mrbp(
         resets=resets,
         token_mask=token_mask,
         truncate_every=truncate_every,
+        stash=stash,
     )
     if M0.requires_grad:
         torch.autograd.backward([M0], [d0])

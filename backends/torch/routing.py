@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from memcore.backends.torch.accounting import SavedBytes, held_tensors, nbytes_of
+from memcore.backends.torch.stash import MemoryStash
 from memcore.backends.torch.steps import (
     SABMemories,
     loss_weight,
@@ -101,13 +102,25 @@ def _bptt_memformer(params, xs, M0, targets, *, config, loss, resets, token_mask
 
 
 def mrbp_accumulate(
-    P, xs, M0, targets, *, config, loss=Loss(), resets=None, token_mask=None, truncate_every=None
+    P,
+    xs,
+    M0,
+    targets,
+    *,
+    config,
+    loss=Loss(),
+    resets=None,
+    token_mask=None,
+    truncate_every=None,
+    stash="device",
 ):
     """Memformer Alg. 1 on leaves ``P`` that require grad: their ``.grad`` accumulates dL/dP.
 
     A no-grad forward keeps only M_0..M_T; then for t = T-1..0 step t is recomputed from
     M_t and ``torch.autograd.backward`` sends (weight_t dl_t, dM_{t+1}) through it, so at
-    most one step's graph exists at a time. Inputs are assumed validated.
+    most one step's graph exists at a time. Inputs are assumed validated. ``stash``: where
+    M_0..M_{T-1} wait (:class:`~memcore.backends.torch.stash.MemoryStash`); the accounting
+    counts their bytes wherever they are.
 
     Returns:
         (L as float, dM_0 (B, K, D), M_T (B, K, D), peak_cache_bytes).
@@ -126,19 +139,21 @@ def mrbp_accumulate(
         return M_next, loss_weight(loss.weights, t) * step_loss(y, targets[t], loss.kind, P)
 
     total = xs.new_zeros((), dtype=torch.float64)
-    memories = [M0.detach()]
+    memories = MemoryStash(stash)
+    M = M0.detach()
     with torch.no_grad():
         for t in range(T):
-            M_next, l_t = run(t, memories[-1])
-            memories.append(M_next)
+            memories.push(M)
+            M, l_t = run(t, M)
             total += l_t
-    stored = nbytes_of(memories)
-    held = held_tensors(P, xs, targets, resets, token_mask) + memories
+    M_T = M
+    stored = (T + 1) * M_T.nbytes
+    held = [*held_tensors(P, xs, targets, resets, token_mask), M0, M_T]
     d_memory: torch.Tensor | None = None
     step_peak = 0
     for t in reversed(range(T)):
-        M_in = memories[t].detach().requires_grad_(True)
-        with torch.enable_grad(), SavedBytes(held) as saved:
+        M_in = memories.pop().requires_grad_(True)
+        with torch.enable_grad(), SavedBytes([*held, M_in]) as saved:
             M_next, l_t = run(t, M_in)
             outs, cts = [l_t], [torch.ones_like(l_t)]
             if d_memory is not None:
@@ -150,7 +165,7 @@ def mrbp_accumulate(
         if truncate_every is not None and t > 0 and t % truncate_every == 0:
             d_memory = None  # stop-gradient on M_t: step t-1 gets no memory gradient
     d0 = torch.zeros_like(M0) if d_memory is None else d_memory.detach()
-    return float(total), d0, memories[-1], stored + step_peak
+    return float(total), d0, M_T, stored + step_peak
 
 
 def _mrbp(params, xs, M0, targets, *, config, loss, resets, token_mask, truncate_every):
