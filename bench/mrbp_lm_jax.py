@@ -27,6 +27,12 @@ memory carries are bf16. fp32 uses JAX's default matmul precision (TF32 on Hoppe
 Peak memory is ``peak_bytes_in_use`` of the device allocator; it cannot be reset, so each
 (method, precision) runs in its own process, T ascending (peaks grow with T). Run with
 XLA_PYTHON_CLIENT_PREALLOCATE=false.
+
+``--fit-gib G`` then finds the largest T each method fits in G GiB (fp32): T is predicted
+from the linear fit of the measured peaks at the smallest and largest T, and a fresh worker
+runs T and T * (1 + ``--fit-step``) (1 warm-up, ``--fit-repeat`` timed runs): the first must
+peak at or under G GiB and the second above it for the bracket to hold. Gradients there
+are not compared (BPTT cannot run at those T); they were at the T of the main table.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -306,7 +313,10 @@ def run_worker(a: argparse.Namespace, method: str, precision: str, work_dir: str
         row["loss"] = float(loss)
         tol = a.tol_fp32 if precision == "fp32" else a.tol_bf16
         ref = os.path.join(work_dir, f"bptt-{precision}-T{T}.npy")
-        row["grad_rel_err_vs_bptt"] = _compare(method, grads, ref, tol, f"{precision} T={T}")
+        if a.fit_worker:  # no BPTT reference at the fitted T (see the module docstring)
+            row["grad_rel_err_vs_bptt"] = None
+        else:
+            row["grad_rel_err_vs_bptt"] = _compare(method, grads, ref, tol, f"{precision} T={T}")
         del grads, loss
         row["base_bytes"] = _stats()["bytes_in_use"]
         samples = []
@@ -409,6 +419,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--inprocess", action="store_true", help="no subprocesses (CPU smoke runs)")
     p.add_argument("--worker-timeout", type=float, default=150.0)
     p.add_argument("--out", default=None, help="JSON path")
+    p.add_argument("--fit-gib", type=float, default=0.0, help="find the largest T in this many GiB")
+    p.add_argument("--fit-step", type=float, default=0.05, help="bracket width of the fit")
+    p.add_argument("--fit-repeat", type=int, default=1, help="timed runs at the fitted T")
+    p.add_argument("--fit-max-T", type=int, default=4096)
+    p.add_argument("--fit-worker", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--worker", "--worker-precision", "--work-dir", "--rows-out"):
         p.add_argument(hidden, default=None, help=argparse.SUPPRESS)
     return p
@@ -435,13 +450,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 else:
                     rows += _spawn(argv, m, precision, work, a.worker_timeout)
                 _write(a.out, payload)
-    payload["exact_check"] = [r for r in rows if "check_T" in r]
-    rows[:] = [r for r in rows if "check_T" not in r]
-    _ratios(rows)
-    payload["markdown"] = markdown(rows)
-    print(payload["markdown"], flush=True)
-    _write(a.out, payload)
+        payload["exact_check"] = [r for r in rows if "check_T" in r]
+        rows[:] = [r for r in rows if "check_T" not in r]
+        _ratios(rows)
+        payload["markdown"] = markdown(rows)
+        print(payload["markdown"], flush=True)
+        _write(a.out, payload)
+        if a.fit_gib:
+            payload["fit"] = fit_memory(argv, a, methods, rows, work)
+            _write(a.out, payload)
     return payload
+
+
+def fit_memory(argv: list[str], a, methods: list[str], rows: list[dict], work: str) -> list[dict]:
+    """Largest T per method in ``--fit-gib`` GiB (fp32), bracketed by two measured runs."""
+    cap, fits = a.fit_gib * 2**30, []
+    for m in methods:
+        pts = sorted((r["T"], r["peak_bytes"]) for r in rows
+                     if r["method"] == m and r.get("precision") == "fp32" and r.get("peak_bytes"))  # fmt: skip
+        if len(pts) < 2:
+            continue
+        (t0, m0), (t1, m1) = pts[0], pts[-1]
+        slope = (m1 - m0) / (t1 - t0)
+        T = a.fit_max_T if slope <= 0 else min(a.fit_max_T, int((cap - (m0 - slope * t0)) / slope))
+        Ts = [T, max(T + 1, math.ceil(T * (1 + a.fit_step)))]
+        sub = [*argv, "--T", ",".join(map(str, Ts)), "--precision", "fp32", "--check-T", "0",
+               "--repeat", str(a.fit_repeat), "--warmup", "1", "--fit-worker"]  # fmt: skip
+        print(f"fit {a.fit_gib} GiB: {m} slope {slope / 2**20:.1f} MiB/segment -> T {Ts}", flush=True)
+        got = _spawn(sub, m, "fp32", work, a.worker_timeout)
+        fit: dict[str, Any] = {"method": m, "bytes_per_segment": slope, "predicted_T": T, "runs": got}
+        ok = [r for r in got if "peak_bytes" in r]
+        if len(ok) == 2:
+            fit["fits"] = ok[0]["peak_bytes"] <= cap
+            fit["above_exceeds"] = ok[1]["peak_bytes"] > cap
+            fit["tokens_per_s"] = T * a.B * a.L / ok[0]["median_s"]
+        print(f"fit: {json.dumps({k: v for k, v in fit.items() if k != 'runs'})}", flush=True)
+        fits.append(fit)
+    return fits
 
 
 def _write(path: str | None, payload: dict[str, Any]) -> None:
