@@ -92,6 +92,9 @@ class MemformerLM(nn.Module):
         self._validated = False
         self.fused_write = fused_write
 
+    HEAD_CHUNKS = 4
+    """Token chunks of the head and loss under ``recompute``."""
+
     def init_memory(self, batch: int) -> torch.Tensor:
         """M_0 = normalize(v_bias) (B, K, D), differentiable with respect to v_bias."""
         return self.writer.init_memory(batch)
@@ -130,6 +133,18 @@ class MemformerLM(nn.Module):
         logits = self.head(self.ln_out(x))
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
+    def _head_loss_sum(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.ln_out(x)).float()
+        return F.cross_entropy(logits, targets, reduction="sum")
+
+    def _head_loss_chunked(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy over ``HEAD_CHUNKS`` recomputed token chunks: the
+        (tokens, vocab) logits, their softmax and gradient exist for one chunk at a time."""
+        n = targets.numel()
+        size = -(-n // self.HEAD_CHUNKS)
+        chunks = zip(x.reshape(n, -1).split(size), targets.reshape(n).split(size))
+        return sum(_recomputed(self._head_loss_sum, xc, tc) for xc, tc in chunks) / n
+
     def segment_loss(
         self,
         tokens: torch.Tensor,
@@ -140,12 +155,12 @@ class MemformerLM(nn.Module):
         """(mean next-token cross-entropy of the segment, M') for tokens, targets (B, L).
 
         ``recompute``: per-block recomputation inside the segment (each layer, the head
-        with the loss, and the write), for MRBP's replayed step: its backward then holds
-        one block's graph at a time instead of the whole segment's.
+        with the loss in token chunks, and the write), for MRBP's replayed step: its
+        backward then holds one block's graph at a time instead of the whole segment's.
         """
         x = self.encode(tokens, memory, recompute)
         if recompute and torch.is_grad_enabled():
-            return _recomputed(self._head_loss, x, targets), _recomputed(self.write, memory, x)
+            return self._head_loss_chunked(x, targets), _recomputed(self.write, memory, x)
         return self._head_loss(x, targets), self.write(memory, x)
 
 

@@ -113,12 +113,21 @@ def mrbp(
 
 
 class _Graphed:
-    """Shared parts of the CUDA-graph runners: static buffers, accumulators, warm-up, capture."""
+    """Shared parts of the CUDA-graph runners: gradient buffers, warm-up, capture.
+
+    The graphs accumulate straight into the parameters' ``.grad`` tensors (captured by
+    address), exactly like ``loss.backward()`` accumulates: no second set of gradient
+    buffers. So ``.grad`` must exist before capture and must be zeroed in place
+    (``zero_grad(set_to_none=False)``), never replaced; a call checks that.
+    """
 
     def __init__(self, model: MemformerLM, amp: torch.dtype | None) -> None:
         self.model, self.amp = model, amp
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.acc = [torch.zeros_like(p) for p in self.params]
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.acc = [p.grad for p in self.params]
         self.loss_acc = torch.zeros((), device=self.params[0].device)
 
     def _ctx(self) -> Any:
@@ -133,6 +142,7 @@ class _Graphed:
     def _capture(self, fn: Callable[[], Any], pool: Any) -> tuple[torch.cuda.CUDAGraph, Any]:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        saved = [a.clone() for a in self.acc]  # warm-up and capture add into .grad
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up off the default stream (cuBLAS handles, autotuning)
                 fn()
@@ -140,14 +150,18 @@ class _Graphed:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
             out = fn()
+        for a, s in zip(self.acc, saved):
+            a.copy_(s)
         return graph, out
 
-    def _publish(self) -> None:
+    def _check_grads(self) -> None:
         for p, a in zip(self.params, self.acc):
-            if p.grad is None:
-                p.grad = a.clone()
-            else:
-                p.grad.add_(a)
+            if p.grad is not a:
+                raise RuntimeError(
+                    "a parameter's .grad was replaced after the CUDA graphs were captured "
+                    "(they add into the captured tensors): zero gradients with "
+                    "zero_grad(set_to_none=False)"
+                )
 
 
 class GraphedMRBP(_Graphed):
@@ -203,8 +217,7 @@ class GraphedMRBP(_Graphed):
     def __call__(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """One MRBP iteration over tokens, targets (T, B, L); grads land in ``.grad``."""
         T, B = tokens.shape[:2]
-        for a in self.acc:
-            a.zero_()
+        self._check_grads()
         self.loss_acc.zero_()
         self.weight.fill_(1.0 / T)
         with _amp(tokens.device, self.amp):
@@ -226,7 +239,6 @@ class GraphedMRBP(_Graphed):
                 self.M_leaf.copy_(memories.pop())
             self.g_bwd.replay()
             self.dM.copy_(self.dM_out)
-        self._publish()
         M0.backward(self.dM)
         return self.loss_acc.clone()
 
@@ -258,13 +270,11 @@ class GraphedBPTT(_Graphed):
 
     def __call__(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """One iteration over tokens, targets (T, B, L) with the captured T."""
-        for a in self.acc:
-            a.zero_()
+        self._check_grads()
         self.loss_acc.zero_()
         self.tok.copy_(tokens)
         self.tgt.copy_(targets)
         self.graph.replay()
-        self._publish()
         return self.loss_acc.clone()
 
 

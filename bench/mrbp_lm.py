@@ -125,7 +125,14 @@ def check_exact(model: MemformerLM, args: argparse.Namespace, device) -> dict[st
             assert err < args.check_tol, f"{name}: gradient rel error {err:.2e} vs BPTT (fp32)"
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        _collect()  # the runners' graphs and buffers must not count in the first method's peak
     return errors
+
+
+def _collect() -> None:
+    gc.collect()
+    if cuda():
+        torch.cuda.empty_cache()
 
 
 def _footprint(mem: dict[str, Any], pool: int) -> int | None:
@@ -144,8 +151,8 @@ def bench_config(model, args, device, precision: str, T: int) -> list[dict[str, 
         row: dict[str, Any] = {"precision": precision, "T": T, "method": name}
         try:
             pool = 0
+            _collect()
             if cuda():
-                torch.cuda.empty_cache()
                 before = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
             run = make_runner(name, model, tokens, targets, amp, args)
             if cuda() and "_graph" in name:
@@ -186,16 +193,16 @@ def bench_config(model, args, device, precision: str, T: int) -> list[dict[str, 
     return rows
 
 
-def _fit_run(name, model, args, device, T: int) -> dict[str, Any]:
-    """One method at T under the memory cap: time (1 warm-up, ``--fit-repeat`` runs) and
-    the footprint, or {"oom": True}."""
+def _fit_run(name, model, args, device, T: int, repeat: int) -> dict[str, Any]:
+    """One method at T under the memory cap: ``repeat`` timed iterations (no warm-up: the
+    main table warmed everything up) and the peaks, or {"oom": True}."""
     tokens, targets = random_batch(T, args, device, seed=3)
     run = None
     try:
-        torch.cuda.empty_cache()
+        _collect()
         torch.cuda.reset_peak_memory_stats()
         run = make_runner(name, model, tokens, targets, None, args)
-        out = median_time(run, repeat=args.fit_repeat, warmup=1)
+        out = median_time(run, repeat=repeat, warmup=0)
         out["peak_reserved"] = torch.cuda.max_memory_reserved()
         out["peak_allocated"] = torch.cuda.max_memory_allocated()
         out["tokens_per_s"] = T * args.B * args.L / out["median_s"]
@@ -204,20 +211,20 @@ def _fit_run(name, model, args, device, T: int) -> dict[str, Any]:
         return {"oom": True}
     finally:
         run = tokens = targets = None
-        gc.collect()
-        torch.cuda.empty_cache()
+        _collect()
         model.zero_grad(set_to_none=False)
 
 
 def fit_memory(model, args, device, rows, gib: float) -> list[dict[str, Any]]:
     """Largest T per method in ``gib`` GiB (fp32), bracketed by runs under that cap.
 
-    T is predicted from the linear fit of the measured footprints; the method then runs at
-    T under ``torch.cuda.set_per_process_memory_fraction`` (shrinking T by ``--fit-step``
-    after an out-of-memory error) and once more at T * (1 + step), which must fail for the
-    bracket [T, T * (1 + step)) to hold. A method whose footprint does not grow with T
-    (memories offloaded to the host) is run at ``--fit-max-T`` and reported as not bound
-    by device memory there."""
+    The method runs under ``torch.cuda.set_per_process_memory_fraction``. The first T is
+    predicted from the linear fit of the footprints measured at the table's T; each run
+    that fits re-predicts T from its own peak reserved memory, each out-of-memory error
+    narrows the bracket, until T fits and T * (1 + ``--fit-step``) does not (at most
+    ``--fit-rounds`` runs). Tokens/s are then timed at the largest T that fitted. A method
+    whose footprint does not grow with T (memories offloaded to the host) is run at
+    ``--fit-max-T`` and reported as not bound by device memory there."""
     out = []
     cap = gib * GIB
     step = args.fit_step
@@ -235,22 +242,37 @@ def fit_memory(model, args, device, rows, gib: float) -> list[dict[str, Any]]:
                 continue
             (t0, m0), (t1, m1) = pts[0], pts[-1]
             slope = (m1 - m0) / (t1 - t0)
-            flat = slope <= 0 or (cap - (m0 - slope * t0)) / slope > args.fit_max_T
-            T = args.fit_max_T if flat else int((cap - (m0 - slope * t0)) / slope)
+
+            def predict(t_a: int, m_a: float) -> int:
+                s = (m_a - m0) / (t_a - t0) if t_a > t0 else slope
+                return args.fit_max_T if s <= 0 else int(t_a + (cap - m_a) / s)
+
+            T = min(args.fit_max_T, predict(t1, m1))
+            flat = T >= args.fit_max_T
             row: dict[str, Any] = {"method": name, "bytes_per_segment": slope, "predicted_T": T}
-            for _ in range(6):
-                res = _fit_run(name, model, args, device, T)
-                if not res.get("oom"):
-                    row.update(res, T=T)
+            fit_T, oom_T, runs = None, None, []
+            for _ in range(1 if flat else args.fit_rounds):
+                res = _fit_run(name, model, args, device, T, repeat=1)
+                runs.append({"T": T, **{k: v for k, v in res.items() if k != "samples_s"}})
+                if res.get("oom"):
+                    oom_T = T if oom_T is None else min(oom_T, T)
+                else:
+                    fit_T = T if fit_T is None else max(fit_T, T)
+                    peak_at_fit = res["peak_reserved"]
+                if flat or (fit_T and oom_T and oom_T <= math.ceil(fit_T * (1 + step))):
                     break
-                row.setdefault("oom_at", []).append(T)
-                T = int(T * (1 - step))
-            if "median_s" in row and not flat:
-                above = max(T + 1, math.ceil(T * (1 + step)))
-                res = _fit_run(name, model, args, device, above)
-                row["above_T"] = above
-                row["above_oom"] = bool(res.get("oom"))
+                if fit_T is None:
+                    T = int(T * (1 - 2 * step))
+                elif oom_T is None:
+                    T = max(math.ceil(fit_T * (1 + step)), predict(fit_T, peak_at_fit))
+                else:
+                    T = max(math.ceil(fit_T * (1 + step)), (fit_T + oom_T) // 2)
+                    T = min(T, oom_T - 1)
+            row.update(runs=runs, T=fit_T, oom_T=oom_T)
             row["bound"] = "host memory / time (device footprint flat)" if flat else "device"
+            row["bracketed"] = bool(fit_T and oom_T and oom_T <= math.ceil(fit_T * (1 + step)))
+            if fit_T is not None and args.fit_repeat > 0:
+                row.update(_fit_run(name, model, args, device, fit_T, repeat=args.fit_repeat))
             out.append(row)
             print(f"fit {gib} GiB: {({k: v for k, v in row.items() if k != 'samples_s'})}",
                   flush=True)  # fmt: skip
@@ -310,6 +332,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-max-T", type=int, default=2048)
     p.add_argument("--fit-step", type=float, default=0.05, help="bracket width of the fit")
     p.add_argument("--fit-repeat", type=int, default=1, help="timed runs at the fitted T")
+    p.add_argument("--fit-rounds", type=int, default=5, help="runs to bracket the largest T")
     p.add_argument(
         "--write",
         choices=("torch", "fused"),

@@ -239,3 +239,34 @@ def test_median_time_reports_the_median():
     res = median_time(lambda: calls.append(1), repeat=5, warmup=2)
     assert len(calls) == 7 and len(res["samples_s"]) == 5
     assert res["min_s"] <= res["median_s"] <= res["max_s"]
+
+
+def test_fit_memory_brackets_the_largest_T(monkeypatch):
+    """The fit search ends with T fitting and T * 1.05 out of memory, against a memory model
+    whose slope at large T is below the one the table's small T suggest."""
+    gib = 2**30
+    peak = lambda T: int((1.0 + 0.035 * T) * gib)  # 40 GiB -> largest T = 1114
+    calls = []
+
+    def fake_run(name, model, args, device, T, repeat):
+        calls.append(T)
+        if peak(T) > 40 * gib:
+            return {"oom": True}
+        return {"median_s": 1.0, "peak_reserved": peak(T), "peak_allocated": peak(T),
+                "tokens_per_s": float(T), "samples_s": [1.0]}  # fmt: skip
+
+    monkeypatch.setattr(mrbp_lm, "_fit_run", fake_run)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f: None)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": 140 * gib})
+    )
+    monkeypatch.setattr(mrbp_lm, "cuda", lambda: True)
+    args = mrbp_lm.parser().parse_args(TINY_LM + ["--methods", "mrbp"])
+    rows = [  # the small-T slope (0.045 GiB/segment) overestimates the large-T one
+        {"method": "mrbp", "precision": "fp32", "T": 8, "footprint_bytes": int(1.0 * gib)},
+        {"method": "mrbp", "precision": "fp32", "T": 32, "footprint_bytes": int(2.08 * gib)},
+    ]
+    (row,) = mrbp_lm.fit_memory(None, args, None, rows, 40)
+    assert row["bracketed"] and peak(row["T"]) <= 40 * gib < peak(row["oom_T"])
+    assert row["oom_T"] <= -(-row["T"] * 105 // 100)
+    assert len(calls) <= args.fit_rounds + 1 and row["tokens_per_s"] == float(row["T"])
