@@ -1,23 +1,51 @@
-"""Fused Memformer memory write for torch: slot attention + BMN in two Triton kernels.
+"""Fused Memformer memory write for torch: slot attention + BMN in three Triton kernels.
 
 ``fused_memory_write(memory, x, wq, wk, wv, v_bias, num_heads=H, tau=tau)`` computes the same
 function as :func:`memcore.backends.torch.memory.memory_write` (Memformer Eq. 4-8 + BMN).
-The (D, D) projections stay in cuBLAS (one (D, 2D) GEMM for [q | k_self] from the memory, one
-for [k_x | v_x] from the tokens); the rest is fused:
+The (D, D) projections stay in cuBLAS: W = [wq | wk | wv] (D, 3D) is concatenated once per
+call, [q | k_self] = memory W[:, :2D] and [k_x | v_x] = x W[:, D:] are GEMMs on its column
+slices, and the backward reuses W. The rest is fused:
 
 - forward kernel, one program per (batch row, block of BK slots), heads in a loop: self and
   token logits, the softmax over [self; tokens] (online max, no (B, H, K, L+1) tensor in
   memory), the weighted sum, + v_bias, and the L2 normalization over D (BMN). It keeps the
   row log-sum-exp (B, H, K) and 1 / max(||u||, eps) (B, K) for the backward.
-- backward kernel, one program per (batch row, head), looping over slot blocks: recomputes
-  the softmax from the log-sum-exp (flash-attention style) and produces d[q | k_self],
-  the direct d memory, and accumulates d[k_x | v_x] over slots in registers (no atomics).
-  BMN's backward, dv_bias and the projection gradients are torch ops around it.
+- BMN backward kernel, one program per slot, looping over the batch: the per-slot
+  coefficient a = <y, dy> / ||u|| (0 where the norm was clamped) and dv_bias = sum over B of
+  du, with du = dy / ||u|| - a y, reduced in registers (no atomics, deterministic).
+- backward kernel, one program per (batch row, head), looping over slot blocks: rebuilds du
+  from dy, y, 1/||u|| and a, recomputes the softmax from the log-sum-exp (flash-attention
+  style) and produces d[q | k_self], the direct d memory, and accumulates d[k_x | v_x] over
+  slots in registers (no atomics). The projection gradients are cuBLAS GEMMs around it.
 
 Without Triton, for a device Triton cannot run on, or with a ``token_mask``, the call falls
-back to the torch op. On the CPU the kernels run under ``TRITON_INTERPRET=1`` (tests).
+back to the torch op. On the CPU the kernels run under ``TRITON_INTERPRET=1`` (tests). The
+backward is once-differentiable: differentiating the gradients (double backward) raises.
 Shapes: memory (B, K, D); x (B, L, D); wq, wk, wv (D, D); v_bias (K, D); H heads, dh = D / H.
 """
+
+# Cost of one backward call. A pass is one read or write of B*K*D elements; launches count
+# the Triton kernels and the torch ops that run a kernel (views and allocations excluded).
+#
+#   step                          before (torch ops)              after
+#   BMN backward (du)             7 launches (9 in half types:    _bmn_bwd: 1 launch, reads
+#                                 2 upcasts), 14 fp32 passes      y, dy: 2 passes
+#   dv_bias = sum_B du            1 launch, 1 pass (+1 cast)      in _bmn_bwd: 0 passes
+#   du into the backward kernel   reads du: 1 fp32 pass           reads y, dy: 2 passes
+#   dqk, dm out of the kernel     fp32 (3 passes), then 3 casts   in the dtype (3 passes), no
+#                                 in half types (6 passes)        casts
+#   weight concatenations         2 launches (D x 2D each)        0: W from the forward
+#   d memory = dm + dqk W^T       GEMM to a temporary + add:      dm.addmm_: 1 launch, reads
+#                                 2 launches, 4 passes            and writes dm: 2 passes
+#   d x, dwq, dwk, dwv            3 GEMMs + 1 add                 same (skipped if not needed)
+#   total launches                17 fp32, 23 bf16/fp16           7 (5 torch ops + 2 kernels)
+#   passes (rows above)           23 fp32, 33 in half types       9, all in the input dtype
+#                                                                 (2-byte in half types)
+#
+# The attention part of the backward kernel (reads qk, memory: 3 passes) is unchanged.
+# The forward makes one (D, 3D) concatenation instead of two (D, 2D): 4 launches, was 5.
+# Caching W across calls is not done: an in-place update through ``.data`` bumps no
+# ``_version``, so no key could prove such a cache fresh, and one concatenation is cheap.
 
 from __future__ import annotations
 
@@ -26,6 +54,7 @@ import os
 
 import torch
 from memcore.backends.torch.memory import NORM_EPS, memory_write
+from torch.autograd.function import once_differentiable
 
 try:  # Triton is optional: the fallback is the torch op
     import triton
@@ -96,8 +125,37 @@ if HAVE_TRITON:
             tl.store(ptr, u * rn[:, None], mask=mk[:, None])
 
     @triton.jit
+    def _bmn_bwd(
+        y_ptr, dy_ptr, rn_ptr, a_ptr, dvb_ptr,
+        B, K, D, inv_eps,
+        BB: tl.constexpr, BD: tl.constexpr, NEED_DVB: tl.constexpr,
+    ):  # fmt: skip
+        # BMN backward (docs/semantics.md 3.3): y = u r, r = 1 / max(||u||, eps), so
+        # du = r (dy - y <y, dy>) = r dy - a y with a = r <y, dy>; where the norm was clamped
+        # r is a constant and a = 0. One program per slot: dv_bias[k] = sum_b du[b, k].
+        k = tl.program_id(0)
+        offs_b = tl.arange(0, BB)
+        offs_d = tl.arange(0, BD)
+        md = offs_d < D
+        dvb = tl.zeros([BD], dtype=tl.float32)
+        for b0 in range(0, B, BB):
+            mb = b0 + offs_b < B
+            row = (b0 + offs_b) * K + k
+            ptr = row[:, None] * D + offs_d[None, :]
+            msk = mb[:, None] & md[None, :]
+            y = tl.load(y_ptr + ptr, mask=msk, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + ptr, mask=msk, other=0.0).to(tl.float32)
+            rn = tl.load(rn_ptr + row, mask=mb, other=0.0)
+            a = tl.where(rn >= inv_eps, 0.0, rn * tl.sum(y * dy, axis=1))
+            tl.store(a_ptr + row, a, mask=mb)
+            if NEED_DVB:
+                dvb += tl.sum(rn[:, None] * dy - a[:, None] * y, axis=0)
+        if NEED_DVB:
+            tl.store(dvb_ptr + k * D + offs_d, dvb, mask=md)
+
+    @triton.jit
     def _write_bwd(
-        qk_ptr, m_ptr, kv_ptr, lse_ptr, du_ptr, dqk_ptr, dm_ptr, dkv_ptr,
+        qk_ptr, m_ptr, kv_ptr, lse_ptr, y_ptr, dy_ptr, rn_ptr, a_ptr, dqk_ptr, dm_ptr, dkv_ptr,
         K, L, scale,
         H: tl.constexpr, DH: tl.constexpr, BK: tl.constexpr, BL: tl.constexpr,
     ):  # fmt: skip
@@ -123,8 +181,13 @@ if HAVE_TRITON:
             ks = tl.load(
                 qk_ptr + row[:, None] * 2 * D + D + col[None, :], mask=mk[:, None], other=0.0
             )
-            m = tl.load(m_ptr + row[:, None] * D + col[None, :], mask=mk[:, None], other=0.0)
-            du = tl.load(du_ptr + row[:, None] * D + col[None, :], mask=mk[:, None], other=0.0)
+            ptr = row[:, None] * D + col[None, :]
+            m = tl.load(m_ptr + ptr, mask=mk[:, None], other=0.0)
+            dy = tl.load(dy_ptr + ptr, mask=mk[:, None], other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + ptr, mask=mk[:, None], other=0.0).to(tl.float32)
+            rn = tl.load(rn_ptr + row, mask=mk, other=0.0)
+            a = tl.load(a_ptr + row, mask=mk, other=0.0)
+            du = rn[:, None] * dy - a[:, None] * y  # BMN backward, a from _bmn_bwd
             lse = tl.load(lse_ptr + (b * H + h) * K + offs_k, mask=mk, other=0.0)
             q = q.to(tl.float32)
             ks = ks.to(tl.float32)
@@ -142,9 +205,7 @@ if HAVE_TRITON:
             tl.store(dqk_ptr + row[:, None] * 2 * D + col[None, :], dq, mask=mk[:, None])
             dks = ds_self[:, None] * q
             tl.store(dqk_ptr + row[:, None] * 2 * D + D + col[None, :], dks, mask=mk[:, None])
-            tl.store(
-                dm_ptr + row[:, None] * D + col[None, :], p_self[:, None] * du, mask=mk[:, None]
-            )
+            tl.store(dm_ptr + ptr, p_self[:, None] * du, mask=mk[:, None])
             dvx += tl.dot(tl.trans(p_tok), du)
             dkx += tl.dot(tl.trans(ds_tok), q)
         tl.store(dkv_ptr + tok[:, None] * 2 * D + col[None, :], dkx, mask=ml[:, None])
@@ -156,6 +217,29 @@ def _blocks(L: int, dh: int) -> tuple[int, int]:
     return (32 if BL * dh <= 128 * 64 else 16), BL
 
 
+def _bmn_blocks(B: int, D: int) -> tuple[int, int]:
+    """(BB, BD): batch rows per step of _bmn_bwd and D padded to a power of two."""
+    BD = triton.next_power_of_2(D)
+    return min(triton.next_power_of_2(B), max(1, 4096 // BD)), BD
+
+
+def _bmn_backward(y, dy, rn, need_dvb: bool):
+    """BMN's backward in one pass over y, dy (B, K, D): (a (B, K) fp32, dv_bias (K, D) or None).
+
+    du = rn dy - a y is rebuilt by the consumer (``_write_bwd``); dv_bias = sum over B of du
+    comes in y's dtype.
+    """
+    B, K, D = y.shape
+    a = torch.empty(B, K, device=y.device, dtype=torch.float32)
+    dvb = torch.empty(K, D, device=y.device, dtype=y.dtype) if need_dvb else None
+    BB, BD = _bmn_blocks(B, D)
+    _bmn_bwd[(K,)](
+        y, dy, rn, a, a if dvb is None else dvb, B, K, D, 1.0 / NORM_EPS,
+        BB=BB, BD=BD, NEED_DVB=need_dvb,
+    )  # fmt: skip
+    return a, dvb
+
+
 class _FusedWrite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, memory, x, wq, wk, wv, v_bias, num_heads: int, tau: float):
@@ -164,8 +248,11 @@ class _FusedWrite(torch.autograd.Function):
         if dh < 16 or dh & (dh - 1):
             raise ValueError(f"fused write needs dh = D / H a power of two >= 16, got {dh}")
         memory, x, v_bias = memory.contiguous(), x.contiguous(), v_bias.contiguous()
-        qk = memory @ torch.cat([wq, wk], dim=1)  # (B, K, 2D): [q | k_self]
-        kv = x @ torch.cat([wk, wv], dim=1)  # (B, L, 2D): [k_x | v_x]
+        # One concatenation per call, kept for the backward: [q | k_self] and [k_x | v_x] are
+        # GEMMs on column slices of it (cuBLAS takes the row stride 3D, no copy).
+        w = torch.cat([wq, wk, wv], dim=1)  # (D, 3D)
+        qk = memory @ w[:, : 2 * D]  # (B, K, 2D): [q | k_self]
+        kv = x @ w[:, D:]  # (B, L, 2D): [k_x | v_x]
         y = torch.empty_like(memory)
         lse = torch.empty(B, num_heads, K, device=memory.device, dtype=torch.float32)
         rn = torch.empty(B, K, device=memory.device, dtype=torch.float32)
@@ -175,38 +262,44 @@ class _FusedWrite(torch.autograd.Function):
             qk, memory, kv, v_bias, y, lse, rn, K, L, scale, NORM_EPS,
             H=num_heads, DH=dh, BK=BK, BL=BL,
         )  # fmt: skip
-        ctx.save_for_backward(memory, x, wq, wk, wv, qk, kv, lse, rn, y)
+        # wq, wk, wv are saved only for autograd's version check: updating them in place
+        # before the backward raises, as it does for the torch op.
+        ctx.save_for_backward(memory, x, w, qk, kv, lse, rn, y, wq, wk, wv)
         ctx.num_heads, ctx.scale = num_heads, scale
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
-        memory, x, wq, wk, wv, qk, kv, lse, rn, y = ctx.saved_tensors
+        memory, x, w, qk, kv, lse, rn, y = ctx.saved_tensors[:8]
+        need = ctx.needs_input_grad
         B, K, D = memory.shape
-        L, H = x.shape[1], ctx.num_heads
-        dyf, yf = dy.float(), y.float()
-        # BMN backward: y = u r, r = 1 / ||u||: du = r (dy - y <y, dy>); where the norm was
-        # clamped at eps, r is a constant and du = r dy.
-        clamped = (rn >= 1.0 / NORM_EPS)[..., None]
-        proj = yf * (yf * dyf).sum(-1, keepdim=True)
-        du = (torch.where(clamped, dyf, dyf - proj) * rn[..., None]).contiguous()
-        dqk = torch.empty(B, K, 2 * D, device=y.device, dtype=torch.float32)
-        dm = torch.empty(B, K, D, device=y.device, dtype=torch.float32)
-        dkv = torch.empty(B, L, 2 * D, device=y.device, dtype=torch.float32)
+        L, H, dt = x.shape[1], ctx.num_heads, memory.dtype
+        dy = dy.contiguous()
+        a, d_vb = _bmn_backward(y, dy, rn, need[5])
+        # The kernel stores in the input dtype: no casts after it.
+        dqk = torch.empty(B * K, 2 * D, device=y.device, dtype=dt)
+        dm = torch.empty(B * K, D, device=y.device, dtype=dt)
+        dkv = torch.empty(B * L, 2 * D, device=y.device, dtype=dt)
         BK, BL = _blocks(L, D // H)
         _write_bwd[(B, H)](
-            qk, memory, kv, lse, du, dqk, dm, dkv, K, L, ctx.scale,
+            qk, memory, kv, lse, y, dy, rn, a, dqk, dm, dkv, K, L, ctx.scale,
             H=H, DH=D // H, BK=BK, BL=BL,
         )  # fmt: skip
-        dt = memory.dtype
-        dqk, dkv = dqk.to(dt), dkv.to(dt)
-        d_memory = dm.to(dt) + dqk @ torch.cat([wq, wk], dim=1).T
-        d_x = dkv @ torch.cat([wk, wv], dim=1).T
-        dw_m = memory.reshape(-1, D).T @ dqk.reshape(-1, 2 * D)  # (D, 2D): [dwq | dwk part]
-        dw_x = x.reshape(-1, D).T @ dkv.reshape(-1, 2 * D)  # (D, 2D): [dwk part | dwv]
-        d_wk = dw_m[:, D:] + dw_x[:, :D]
-        d_vb = du.sum(0).to(dt)
-        return d_memory, d_x, dw_m[:, :D], d_wk, dw_x[:, D:], d_vb, None, None
+        d_memory = d_x = d_wq = d_wk = d_wv = None
+        if need[0]:  # d memory = direct part + dqk [wq | wk]^T, accumulated in place
+            d_memory = dm.addmm_(dqk, w[:, : 2 * D].T).view(B, K, D)
+        if need[1]:
+            d_x = (dkv @ w[:, D:].T).view(B, L, D)
+        if need[2] or need[3]:
+            dw_m = memory.view(-1, D).T @ dqk  # (D, 2D): [dwq | dwk part]
+            d_wq = dw_m[:, :D]
+        if need[3] or need[4]:
+            dw_x = x.view(-1, D).T @ dkv  # (D, 2D): [dwk part | dwv]
+            d_wv = dw_x[:, D:]
+        if need[3]:
+            d_wk = dw_m[:, D:] + dw_x[:, :D]
+        return d_memory, d_x, d_wq, d_wk, d_wv, d_vb, None, None
 
 
 def fused_memory_write(
