@@ -2,6 +2,7 @@
 
     python -m bench.write_kernel_jax_cupy --B 16,64 --K 64,1024 \
         --out bench/results/write-kernel-jax-cupy-h200.json
+    python -m bench.write_kernel_jax_cupy --frameworks jax   # the JAX group only
 
 Issue 7, benchmark 2's JAX and CuPy columns (the Triton ones are ``bench/write_kernel.py``).
 
@@ -15,7 +16,14 @@ JAX (each timed as one jitted function; f+b = output and all six input gradients
   sum), and fuses BMN. It saves only the projections, the log-sum-exp (B, K, H) and the
   BMN output and norm; the backward recomputes the token logits. bf16 operands stay bf16
   in the matmuls (float32 accumulation); everything elementwise is float32.
-No Pallas kernel (not attempted in this round).
+- ``pallas``: ``backends/jax/pallas_write.py``: the same projections and jnp BMN around two
+  Pallas kernels (Triton lowering), a forward one per (batch row, slot block, head) that keeps
+  the logits on chip and saves only the log-sum-exp, and a backward one per (batch row, head,
+  slot chunk) that recomputes the softmax and accumulates the token gradients in registers.
+  Without a GPU it runs in the Pallas interpreter (``pallas_interpret`` in the row; smoke
+  runs only). It is checked and timed after the others, and any failure (lowering, compile,
+  check) is kept as ``pallas_error`` in the row while the other variants keep their numbers.
+  ``--jax-variants`` picks the JAX variants (``jax``, the baseline, always runs).
 
 CuPy (float32 only: the CuPy kernels take float32/float64 and the backend has no bf16):
 - ``cupy``: the reference's forward and hand-written backward on CuPy arrays (unfused).
@@ -46,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from memcore.backends.jax.memory import NORM_EPS, memory_write
+from memcore.backends.jax.pallas_write import pallas_memory_write, pallas_unavailable_reason
 
 __all__ = ["bench_cupy", "bench_jax", "fused_write", "main"]
 
@@ -198,15 +207,34 @@ def ceilings(dtype) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- JAX
-def bench_jax(B, K, L, D, H, dtype: str, repeat: int, tol: float) -> dict[str, Any]:
-    """One size: check fused variants against memcore's op, then time forward and f+b."""
+def _pallas(*a, **k):
+    """The Pallas write; interpreted where its GPU lowering is unavailable (CPU smoke runs)."""
+    return pallas_memory_write(*a, interpret=pallas_unavailable_reason() is not None, **k)
+
+
+JAX_FNS = {"jax": memory_write, "fused_ad": fused_write_ad, "fused": fused_write,
+           "pallas": _pallas}  # fmt: skip
+GUARDED = ("pallas",)  # variants whose failure is recorded in the row instead of raised
+
+
+def bench_jax(B, K, L, D, H, dtype: str, repeat: int, tol: float,
+              variants=tuple(JAX_FNS)) -> dict[str, Any]:  # fmt: skip
+    """One size: check each variant against memcore's op, then time forward and f+b.
+
+    ``jax`` always runs (the baseline). A guarded variant (``pallas``) is checked and timed
+    last; if it fails to lower, compile, run or pass the check, ``<name>_error`` records why
+    and the row keeps the other variants' numbers.
+    """
     arrs, dy_np = _inputs(B, K, L, D)
     ins = [jnp.asarray(x, dtype) for x in arrs]
     dy = jnp.asarray(dy_np, dtype)
     at = {"num_heads": H, "tau": 0.25}
-    fns = {"jax": memory_write, "fused_ad": fused_write_ad, "fused": fused_write}
+    names = ["jax"] + [n for n in JAX_FNS if n != "jax" and n in variants]
+    names.sort(key=lambda n: n in GUARDED)  # guarded ones last: a crash there loses nothing
     row: dict[str, Any] = {"framework": "jax", "B": B, "K": K, "L": L, "D": D, "H": H, "dtype": dtype}
-    fwd = {n: jax.jit(lambda *a, f=f: f(*a, **at)) for n, f in fns.items()}
+    if "pallas" in names:
+        row["pallas_interpret"] = pallas_unavailable_reason() is not None
+    fwd = {n: jax.jit(lambda *a, f=JAX_FNS[n]: f(*a, **at)) for n in names}
 
     def fb(f):
         def run(*a):
@@ -215,15 +243,32 @@ def bench_jax(B, K, L, D, H, dtype: str, repeat: int, tol: float) -> dict[str, A
 
         return jax.jit(run)
 
-    fwb = {n: fb(f) for n, f in fns.items()}
+    fwb = {n: fb(JAX_FNS[n]) for n in names}
     want_y, want_g = fwb["jax"](*ins)
-    for n in ("fused_ad", "fused"):
-        y, g = fwb[n](*ins)
-        row[f"{n}_out_rel_err"], row[f"{n}_grad_rel_err"] = _rel([y], [want_y]), _rel(g, want_g)
-        assert row[f"{n}_out_rel_err"] < tol and row[f"{n}_grad_rel_err"] < tol, row
-    for n in fns:
-        row[f"{n}_fwd_s"] = _time(lambda n=n: fwd[n](*ins), jax.block_until_ready, repeat)
-        row[f"{n}_fwd_bwd_s"] = _time(lambda n=n: fwb[n](*ins), jax.block_until_ready, repeat)
+    ran = []
+    for n in names:
+        try:
+            if n != "jax":
+                y, g = fwb[n](*ins)
+                row[f"{n}_out_rel_err"] = _rel([y], [want_y])
+                row[f"{n}_grad_rel_err"] = _rel(g, want_g)
+                assert row[f"{n}_out_rel_err"] < tol and row[f"{n}_grad_rel_err"] < tol, row
+            row[f"{n}_fwd_s"] = _time(lambda n=n: fwd[n](*ins), jax.block_until_ready, repeat)
+            row[f"{n}_fwd_bwd_s"] = _time(lambda n=n: fwb[n](*ins), jax.block_until_ready, repeat)
+        except Exception as exc:
+            if n not in GUARDED:
+                raise
+            row.pop(f"{n}_fwd_s", None)
+            if isinstance(exc, AssertionError):  # the check: its errors are in the row
+                msg = (f"check failed: out {row[f'{n}_out_rel_err']:.2e}, grads "
+                       f"{row[f'{n}_grad_rel_err']:.2e} (tolerance {tol:g})")  # fmt: skip
+            else:
+                msg = str(exc)
+            row[f"{n}_error"] = f"{type(exc).__name__}: {msg[:300]}"
+            print(f"jax {n}: {row[f'{n}_error']}", flush=True)
+            continue
+        ran.append(n)
+    row["variants"] = ran
     return row
 
 
@@ -278,7 +323,7 @@ def bench_cupy(B, K, L, D, H, repeat: int, tol: float) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- driver
 BASE = {"jax": "jax", "cupy": "cupy"}
-VARIANTS = {"jax": ("jax", "fused_ad", "fused"), "cupy": ("cupy", "cupy_fused", "cupy_fused_forced")}
+VARIANTS = {"jax": tuple(JAX_FNS), "cupy": ("cupy", "cupy_fused", "cupy_fused_forced")}
 
 
 def _derive(row: dict[str, Any], ceil: dict[str, float] | None) -> None:
@@ -294,7 +339,7 @@ def _derive(row: dict[str, Any], ceil: dict[str, float] | None) -> None:
             floor = max(c[f"{stage}_flops"] / ceil["matmul_flops_per_s"],
                         c[f"{stage}_bytes"] / ceil["copy_bytes_per_s"])  # fmt: skip
             row[f"floor_{stage}_s"] = floor
-        for n in VARIANTS[row["framework"]]:
+        for n in row.get("variants", VARIANTS[row["framework"]]):
             row[f"{n}_speedup_{stage}"] = row[f"{base}_{stage}_s"] / row[f"{n}_{stage}_s"]
             if floor:
                 row[f"{n}_{stage}_floor_fraction"] = floor / row[f"{n}_{stage}_s"]
@@ -316,6 +361,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             continue
         fl = r.get("floor_fwd_bwd_s")
         for n in VARIANTS[r["framework"]]:
+            if f"{n}_error" in r:
+                lines.append(f"| {r['framework']} | {r['dtype']} | {r['B']} | {r['K']} | {n} | "
+                             f"error: {r[f'{n}_error'][-80:]!r} | | | | | |")  # fmt: skip
+                continue
+            if n not in r.get("variants", VARIANTS[r["framework"]]):
+                continue
             frac = r.get(f"{n}_fwd_bwd_floor_fraction")
             lines.append(
                 f"| {r['framework']} | {r['dtype']} | {r['B']} | {r['K']} | {n} | "
@@ -362,8 +413,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.add_argument(f"--{flag}", type=int, default=default)
     p.add_argument("--dtype", default="float32,bfloat16", help="JAX dtypes (CuPy: float32 only)")
     p.add_argument("--frameworks", default="jax,cupy")
+    p.add_argument("--jax-variants", default=",".join(JAX_FNS),
+                   help="JAX variants to check and time (jax, the baseline, always runs)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    unknown = sorted(set(a.jax_variants.split(",")) - set(JAX_FNS))
+    if unknown:
+        p.error(f"unknown --jax-variants {unknown}. Available: {', '.join(JAX_FNS)}")
     gpu = jax.default_backend() == "gpu"
     sizes = [(int(b), int(k)) for b in a.B.split(",") for k in a.K.split(",")]
     rows: list[dict[str, Any]] = []
@@ -382,7 +438,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for B, K in sizes:
                 try:
                     if fw == "jax":
-                        row = bench_jax(B, K, a.L, a.D, a.H, dt, a.repeat, tol)
+                        row = bench_jax(B, K, a.L, a.D, a.H, dt, a.repeat, tol,
+                                        variants=tuple(a.jax_variants.split(",")))
                     else:
                         row = bench_cupy(B, K, a.L, a.D, a.H, a.repeat, tol)
                     _derive(row, ceil)
