@@ -112,6 +112,9 @@ def mrbp(
     return total
 
 
+_CAPTURE_STREAMS: dict[torch.device, Any] = {}
+
+
 class _Graphed:
     """Shared parts of the CUDA-graph runners: gradient buffers, warm-up, capture.
 
@@ -140,7 +143,11 @@ class _Graphed:
                 a.add_(g)
 
     def _capture(self, fn: Callable[[], Any], pool: Any) -> tuple[torch.cuda.CUDAGraph, Any]:
-        stream = torch.cuda.Stream()
+        # One capture stream per device for the whole process: cuBLAS keeps a workspace
+        # per stream for the life of the process, which a fresh stream per capture would
+        # leave behind in every later measurement.
+        dev = self.params[0].device
+        stream = _CAPTURE_STREAMS.setdefault(dev, torch.cuda.Stream(device=dev))
         stream.wait_stream(torch.cuda.current_stream())
         saved = [a.clone() for a in self.acc]  # warm-up and capture add into .grad
         with torch.cuda.stream(stream):
@@ -188,7 +195,7 @@ class GraphedMRBP(_Graphed):
         K, D = model.writer.v_bias.shape
         self.tok = torch.randint(0, 2, (batch, seq), device=dev)
         self.tgt = torch.randint(0, 2, (batch, seq), device=dev)
-        self.M = torch.randn(batch, K, D, device=dev)
+        # One static memory buffer serves both graphs (the advance reads it without grad).
         self.M_leaf = torch.randn(batch, K, D, device=dev, requires_grad=True)
         self.dM = torch.randn(batch, K, D, device=dev)
         self.weight = torch.ones((), device=dev)
@@ -198,7 +205,7 @@ class GraphedMRBP(_Graphed):
 
     def _advance(self) -> torch.Tensor:
         with torch.no_grad(), self._ctx():
-            return self.model.advance(self.tok, self.M)
+            return self.model.advance(self.tok, self.M_leaf)
 
     def _backward(self) -> torch.Tensor:
         with torch.enable_grad(), self._ctx():
@@ -224,13 +231,14 @@ class GraphedMRBP(_Graphed):
             M0 = self.model.init_memory(B)
         memories = MemoryStash(self.stash)
         memories.push(M0.detach())
-        self.M.copy_(M0.detach())
-        for t in range(T):
-            self.tok.copy_(tokens[t])
-            self.g_adv.replay()
-            if t < T - 1:  # M_T does not reach the loss
-                memories.push(self.M_out.clone())  # M_out is the graph's buffer: push a copy
-                self.M.copy_(self.M_out)
+        with torch.no_grad():
+            self.M_leaf.copy_(M0.detach())
+            for t in range(T):
+                self.tok.copy_(tokens[t])
+                self.g_adv.replay()
+                if t < T - 1:  # M_T does not reach the loss
+                    memories.push(self.M_out.clone())  # M_out is the graph's buffer: a copy
+                    self.M_leaf.copy_(self.M_out)
         self.dM.zero_()
         for t in reversed(range(T)):
             self.tok.copy_(tokens[t])
