@@ -5,6 +5,7 @@ Needs a CUDA GPU and cupy; CI (no GPU) skips the whole module with that reason.
 
 from __future__ import annotations
 
+import functools
 import os
 import zlib
 
@@ -308,6 +309,221 @@ def test_split_heads_views_feed_reference_backward():
     _, gu = CupyBackend(fused=False).vjp("slot_attention", (memory, x, wq, wk, wv), at, ct)
     for a, b in zip(gf, gu):
         _close(a, b, "float64", "slot grad")
+
+
+# ------------------------------------------------------------------ slot-attention backward kernels
+# float32 acceptance for the backward kernels, the same as in
+# tests/test_cupy_slot_backward_emulation.py (which replays the kernels' algorithm on the CPU):
+# the error against the float64 backward of the same cache is at most REF32_FACTOR times the
+# reference float32 backward's own error, plus RTOL32 * max |exact| + ATOL32. At tau = 1e-3
+# both float32 backwards lose digits to the 1 / tau in dl = a (da - delta) / (sqrt(dh) tau).
+RTOL32, ATOL32, REF32_FACTOR = 3e-5, 1e-6, 4.0
+BWD_SHAPES = [  # b, k, ell, h, dh, tau: ragged L, K = 1, H = 1, dh not a power of two, tau = 1e-3
+    (2, 5, 37, 3, 40, 0.25),
+    (3, 7, 1, 1, 24, 0.5),
+    (1, 33, 70, 2, 64, 1e-3),
+    (2, 3, 5, 4, 3, 1.0),
+    (2, 1, 45, 1, 33, 0.25),
+    (1, 4, 100, 2, 96, 0.5),
+]
+
+
+def _slot_head_grads(cache, d_out):
+    """The reference backward's lines before the projections, merged as the kernels return
+    them: (dqk (B, K, 2D) = [dq | dk_self], dms (B, K, D), dkv (B, L, 2D) = [dkx | dvx])."""
+    from memcore.reference._xp import concat, merge_heads, mT, split_heads
+
+    c = cache
+    do = split_heads(cp, d_out, c.num_heads)
+    a_self, a_tok = c.a[..., :1], c.a[..., 1:]
+    da_self = cp.sum(do * c.ms, axis=-1, keepdims=True)
+    da = concat(cp, [da_self, cp.matmul(do, mT(cp, c.vx))], axis=-1)
+    dms = a_self * do
+    dvx = cp.matmul(mT(cp, a_tok), do)
+    dl = ref_attention.softmax_backward(cp, c.a, da) * c.scale
+    dl_self, dl_tok = dl[..., :1], dl[..., 1:]
+    dq = dl_self * c.ks + cp.matmul(dl_tok, c.kx)
+    dks = dl_self * c.q
+    dkx = cp.matmul(mT(cp, dl_tok), c.q)
+    dq, dks, dkx, dvx, dms = (merge_heads(cp, t) for t in (dq, dks, dkx, dvx, dms))
+    return concat(cp, [dq, dks], axis=-1), dms, concat(cp, [dkx, dvx], axis=-1)
+
+
+def _core_args(cache):
+    """The backward launcher's array arguments from a SlotCache, as fused.py passes them."""
+    from memcore.reference._xp import merge_heads
+
+    heads = (cache.q, cache.ks, cache.kx, cache.vx, cache.ms)
+    return tuple(merge_heads(cp, t) for t in heads) + (cache.a,)
+
+
+def _exact(cache):
+    """The cache in float64: its backward is the exact one of the cached values."""
+    return cache._replace(**{f: v.astype(cp.float64) for f, v in cache._asdict().items()
+                             if isinstance(v, cp.ndarray)})
+
+
+def _arrays(cache, d_out):
+    return [v for v in cache if isinstance(v, cp.ndarray)] + [d_out]
+
+
+def _close_to_exact(got, ref32, exact, what: str) -> None:
+    """float32 ``got`` is as accurate as the reference's float32 ``ref32`` (see RTOL32)."""
+    got, ref32, exact = (cp.asnumpy(t).astype(np.float64) for t in (got, ref32, exact))
+    assert got.shape == exact.shape == ref32.shape, f"{what}: {got.shape} {exact.shape}"
+    if not exact.size:
+        return
+    ref_err = float(np.abs(ref32 - exact).max())
+    bound = ATOL32 + RTOL32 * float(np.abs(exact).max()) + REF32_FACTOR * ref_err
+    err = np.abs(got - exact)
+    if err.max() > bound:
+        idx = np.unravel_index(int(err.argmax()), err.shape)
+        raise AssertionError(
+            f"{what} [float32]: max abs error {err.max():.3e} at {idx} > {bound:.3e} "
+            f"(reference float32 error {ref_err:.3e})"
+        )
+
+
+def _count_backward_kernel(monkeypatch):
+    """Record the dtype of every call of the backward launcher (fused.py calls it through
+    the kernels module, so the patch is seen there)."""
+    calls = []
+    real = kernels.slot_attention_backward_core
+
+    def counted(*args, **kwargs):
+        calls.append(str(args[0].dtype))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "slot_attention_backward_core", counted)
+    return calls
+
+
+def _slot_case(key, b, k, ell, h, dh, tau, mask, dtype, forward):
+    rng = _rng(key, b, k, ell, h, dh, str(mask), dtype)
+    memory, x, (wq, wk, wv), token_mask = _slot_inputs(rng, b, k, ell, h, dh, dtype, mask)
+    d_out = _u(rng, memory.shape, dtype)
+    _, cache = forward(memory, x, wq, wk, wv, num_heads=h, tau=tau, token_mask=token_mask)
+    return cache, d_out, token_mask
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("mask", [None, "random", "row-masked"])
+@pytest.mark.parametrize("b,k,ell,h,dh,tau", BWD_SHAPES)
+def test_slot_backward_kernel_matches_reference(b, k, ell, h, dh, tau, mask, dtype):
+    """The two backward launches give the reference's gradients w.r.t. q, k_self, kx, vx and
+    the direct slot path from the reference forward's cache: inputs untouched, masked tokens
+    exactly 0, and bit-identical on a second run (no atomics)."""
+    cache, d_out, token_mask = _slot_case(
+        "slot-bwd", b, k, ell, h, dh, tau, mask, dtype, ref_attention.slot_attention_forward
+    )
+    before = [t.copy() for t in _arrays(cache, d_out)]
+    run = functools.partial(kernels.slot_attention_backward_core, num_heads=h, scale=cache.scale)
+    got = run(*_core_args(cache), d_out)
+    exact = _slot_head_grads(_exact(cache), d_out.astype(cp.float64))
+    ref = _slot_head_grads(cache, d_out)
+    for name, g, r, e in zip(("dqk", "dms", "dkv"), got, ref, exact):
+        assert g.dtype == np.dtype(dtype) and g.shape == e.shape, name
+        if dtype == "float64":
+            _close(g, e, dtype, f"slot backward {name}")
+        else:
+            _close_to_exact(g, r, e, f"slot backward {name}")
+    for t, t0 in zip(_arrays(cache, d_out), before):
+        assert cp.array_equal(t, t0), "the backward kernels mutated an input"
+    if token_mask is not None and not bool(token_mask.all()):
+        assert not bool(got[2][~token_mask].any())  # masked tokens: dkx = dvx = 0 exactly
+    assert all(cp.array_equal(g1, g2) for g1, g2 in zip(got, run(*_core_args(cache), d_out)))
+
+
+@pytest.mark.parametrize("forward", ["reference", "fused"])
+@pytest.mark.parametrize("mask", [None, "random"])
+@pytest.mark.parametrize("b,k,ell,h,dh,tau", BWD_SHAPES)
+def test_fused_slot_backward_matches_reference(monkeypatch, b, k, ell, h, dh, tau, mask, forward):
+    """fused.slot_attention_backward in float32 runs the kernels once and gives the reference's
+    five gradients from either forward's cache, without mutating its inputs."""
+    from memcore.backends.cupy import fused
+
+    fwd = {"fused": fused.slot_attention_forward, "reference": ref_attention.slot_attention_forward}
+    cache, d_out, _ = _slot_case("fused-slot-bwd", b, k, ell, h, dh, tau, mask, "float32",
+                                 fwd[forward])
+    calls = _count_backward_kernel(monkeypatch)
+    before = [t.copy() for t in _arrays(cache, d_out)]
+    assert fused.slot_backward_kernel_pays(cache, d_out)
+    got = fused.slot_attention_backward(cache, d_out)
+    assert calls == ["float32"]
+    ref32 = ref_attention.slot_attention_backward(cache, d_out)
+    exact = ref_attention.slot_attention_backward(_exact(cache), d_out.astype(cp.float64))
+    for name, g, r, e in zip(("dmemory", "dx", "dwq", "dwk", "dwv"), got, ref32, exact):
+        assert g.dtype == cp.float32 and g.flags.c_contiguous, name
+        _close_to_exact(g, r, e, f"slot backward {name}")
+    for t, t0 in zip(_arrays(cache, d_out), before):
+        assert cp.array_equal(t, t0), "the fused backward mutated an input"
+
+
+@pytest.mark.parametrize("b,k,ell,h,dh,tau", BWD_SHAPES[:3])
+def test_fused_slot_backward_kernel_path_in_float64(b, k, ell, h, dh, tau):
+    """The ungated kernel path also takes float64 and then equals the reference to rounding."""
+    from memcore.backends.cupy import fused
+
+    cache, d_out, _ = _slot_case(
+        "fused-slot-bwd64", b, k, ell, h, dh, tau, "random", "float64", fused.slot_attention_forward
+    )
+    got = fused.slot_attention_backward_kernel(cache, d_out)
+    want = ref_attention.slot_attention_backward(cache, d_out)
+    for name, g, w in zip(("dmemory", "dx", "dwq", "dwk", "dwv"), got, want):
+        _close(g, w, "float64", f"slot backward {name}")
+
+
+def test_slot_backward_gate(monkeypatch):
+    """Both bounds are 2**22 logits (inclusive); above the backward's, or in float64, the
+    backward is the reference's, bit for bit, and the kernels are not called."""
+    from memcore.backends.cupy import fused
+
+    assert fused.SLOT_KERNEL_MAX_LOGITS == 1 << 22
+    assert fused.SLOT_BACKWARD_KERNEL_MAX_LOGITS == 1 << 22
+    calls = _count_backward_kernel(monkeypatch)
+
+    def case(dtype):
+        fwd = fused.slot_attention_forward
+        return _slot_case("bwd-gate", 2, 4, 6, 2, 8, 0.5, "random", dtype, fwd)[:2]
+
+    def same_as_reference(cache, d_out):
+        got = fused.slot_attention_backward(cache, d_out)
+        want = ref_attention.slot_attention_backward(cache, d_out)
+        return all(cp.array_equal(g, w) for g, w in zip(got, want))
+
+    cache, d_out = case("float64")
+    assert not fused.slot_backward_kernel_pays(cache, d_out)
+    assert same_as_reference(cache, d_out)
+    cache, d_out = case("float32")
+    monkeypatch.setattr(fused, "SLOT_BACKWARD_KERNEL_MAX_LOGITS", 2 * 2 * 4 * 6 - 1)
+    assert not fused.slot_backward_kernel_pays(cache, d_out)
+    assert same_as_reference(cache, d_out)
+    assert calls == []
+    monkeypatch.setattr(fused, "SLOT_BACKWARD_KERNEL_MAX_LOGITS", 2 * 2 * 4 * 6)
+    assert fused.slot_backward_kernel_pays(cache, d_out)
+    fused.slot_attention_backward(cache, d_out)
+    assert calls == ["float32"]
+
+
+@pytest.mark.parametrize("mask", [None, "random"])
+def test_fused_write_vjp_float32_runs_the_backward_kernels(monkeypatch, mask):
+    """memory_write's float32 VJP through the backend runs the backward kernels and equals the
+    float64 reference on the same rounded inputs (the op tolerance)."""
+    calls = _count_backward_kernel(monkeypatch)
+    rng = _rng("write-vjp32", str(mask))
+    memory, x, (wq, wk, wv), token_mask = _slot_inputs(rng, 3, 5, 37, 3, 40, "float32", mask)
+    vb, ct = _u(rng, (5, 120), "float32"), _u(rng, (3, 5, 120), "float32")
+    args = (memory, x, wq, wk, wv, vb)
+    at = {"num_heads": 3, "tau": 0.25}
+    if token_mask is not None:
+        at["token_mask"] = token_mask
+    _, g_f = CupyBackend(fused=True).vjp("memory_write", args, at, ct)
+    assert calls == ["float32"]
+    args64 = tuple(t.astype(cp.float64) for t in args)
+    _, g_u = CupyBackend(fused=False).vjp("memory_write", args64, at, ct.astype(cp.float64))
+    for name, gf, gu in zip(OPS["memory_write"].input_names, g_f, g_u):
+        assert gf.dtype == cp.float32, name
+        _close(gf, gu, "float32", f"write d{name}")
 
 
 # ------------------------------------------------------------------ routing

@@ -6,6 +6,9 @@ function in ``memcore.reference`` (``BmnCache``, ``SlotCache``, ``WriteCache``,
 reference backward. The math lives in the kernels (``kernels.py``) and the reference;
 what is here is only the composition the reference also uses (``memory_write`` =
 ``bmn`` after ``slot_attention``; ``sparse_retrieve`` = scores, sparsify, weighted sum).
+The slot-attention kernels run up to a size bound each (``SLOT_KERNEL_MAX_LOGITS``,
+``SLOT_BACKWARD_KERNEL_MAX_LOGITS``), and the backward's on float32 only: other dtypes
+keep the reference's backward.
 
 Shapes: memory (B, K, D); x (B, L, D); v_bias (K, D); scores (B, N); memories (B, N, Hd).
 """
@@ -19,12 +22,13 @@ import cupy as cp
 from memcore.backends.cupy import kernels
 from memcore.reference import attention as ref_attention
 from memcore.reference import sab as ref_sab
-from memcore.reference._xp import split_heads
+from memcore.reference._xp import merge_heads, split_heads
 from memcore.reference.memory import BmnCache, WriteCache
 from memcore.reference.sab import RetrieveCache, SparsifyCache
 
 __all__ = [
     "FUSED_OPS",
+    "SLOT_BACKWARD_KERNEL_MAX_LOGITS",
     "SLOT_KERNEL_MAX_LOGITS",
     "bmn_backward",
     "bmn_forward",
@@ -34,8 +38,10 @@ __all__ = [
     "memory_write_forward",
     "memory_write_output",
     "slot_attention_backward",
+    "slot_attention_backward_kernel",
     "slot_attention_forward",
     "slot_attention_output",
+    "slot_backward_kernel_pays",
     "slot_kernel_pays",
     "sparse_retrieve_backward",
     "sparse_retrieve_forward",
@@ -83,21 +89,79 @@ def slot_attention_output(memory, x, wq, wk, wv, *, num_heads: int, tau: float =
     return out
 
 
-slot_attention_backward = ref_attention.slot_attention_backward
-
-
 # Measured on an H200 (bench/results/cupy-kernels-h200.md, float32, projections included):
 # the one-warp-per-row slot kernel beats the unfused path (cuBLAS batched matmuls +
-# elementwise) 2.1-2.2x up to B*H*K*L = 2**20 logits, is at the crossover near 2**22 and
-# loses beyond (0.74x at 2**23, 0.65x at 2**26), where the matmuls' reuse of each token
-# key across slots wins. Above the bound the backend keeps the unfused slot attention.
-SLOT_KERNEL_MAX_LOGITS = 1 << 20
+# elementwise) 2.1-2.2x up to B*H*K*L = 2**20 logits and loses beyond the crossover
+# (0.74x at 2**23, 0.65x at 2**26), where the matmuls' reuse of each token key across
+# slots wins. In the whole memory write (docs/performance.md section 2b, L=128 H=8) it
+# still wins at 2**22 (B=64 K=64: 1.22x forward+backward, 1.11x with the gate closed) and
+# loses at 2**24 (0.96x). Above the bound the backend keeps the unfused slot attention.
+SLOT_KERNEL_MAX_LOGITS = 1 << 22
+
+# The backward kernels' bound, B*H*K*L as for the forward. Not measured yet: it starts at
+# the forward's value and is to be set from a GPU run (bench/write_kernel_jax_cupy.py).
+SLOT_BACKWARD_KERNEL_MAX_LOGITS = 1 << 22
 
 
 def slot_kernel_pays(memory, x, num_heads: int) -> bool:
     """Whether B*H*K*L is within the range where the fused slot kernel measured faster."""
     b, k, _ = memory.shape
     return b * num_heads * k * max(x.shape[1], 1) <= SLOT_KERNEL_MAX_LOGITS
+
+
+def slot_backward_kernel_pays(cache: ref_attention.SlotCache, d_out) -> bool:
+    """Whether the fused backward runs: float32 throughout (float64 keeps the reference's
+    backward; float16 arrives here upcast to float32 by the backend) and B*H*K*L within
+    :data:`SLOT_BACKWARD_KERNEL_MAX_LOGITS`."""
+    arrays = (cache.q, cache.ks, cache.kx, cache.vx, cache.ms, cache.a, d_out)
+    if any(t.dtype != cp.float32 for t in arrays):
+        return False
+    b, k, _ = cache.memory.shape
+    return b * cache.num_heads * k * max(cache.x.shape[1], 1) <= SLOT_BACKWARD_KERNEL_MAX_LOGITS
+
+
+def _rows(t):
+    """(..., N) -> (prod(...), N), the layout of one GEMM over every batch row."""
+    return cp.reshape(t, (-1, t.shape[-1]))
+
+
+def slot_attention_backward_kernel(cache: ref_attention.SlotCache, d_out):
+    """The backward through the fused kernels at any size, float32 or float64; GEMMs in cuBLAS.
+
+    Consumes the reference's SlotCache (from either forward) and returns what
+    ``ref_attention.slot_attention_backward`` returns: (dmemory (B, K, D), dx (B, L, D),
+    dwq, dwk, dwv (D, D)). The projection gradients are 4 GEMMs on concatenated weights
+    ([wq | wk] for the slot side, [wk | wv] for the token side) instead of the reference's 8.
+    """
+    c = cache
+    q, ks, kx, vx, ms = (merge_heads(cp, t) for t in (c.q, c.ks, c.kx, c.vx, c.ms))
+    dqk, dms, dkv = kernels.slot_attention_backward_core(
+        q, ks, kx, vx, ms, c.a, d_out, num_heads=c.num_heads, scale=c.scale
+    )
+    d = q.shape[-1]
+    dqk_rows, dkv_rows = _rows(dqk), _rows(dkv)  # (B*K, 2D), (B*L, 2D): one GEMM each
+    # dmemory = dm_self + dq wq^T + dk_self wk^T = dm_self + [dq | dk_self] [wq | wk]^T.
+    dmemory = dms + cp.reshape(dqk_rows @ cp.concatenate([c.wq, c.wk], axis=1).T, dms.shape)
+    # dx = dkx wk^T + dvx wv^T = [dkx | dvx] [wk | wv]^T.
+    dx = cp.reshape(dkv_rows @ cp.concatenate([c.wk, c.wv], axis=1).T, c.x.shape)
+    dw_m = _rows(c.memory).T @ dqk_rows  # (D, 2D): [dwq | dwk from the slot keys]
+    dw_x = _rows(c.x).T @ dkv_rows  # (D, 2D): [dwk from the token keys | dwv]
+    dwq = cp.ascontiguousarray(dw_m[:, :d])
+    dwk = dw_m[:, d:] + dw_x[:, :d]
+    dwv = cp.ascontiguousarray(dw_x[:, d:])
+    return dmemory, dx, dwq, dwk, dwv
+
+
+def slot_attention_backward(cache: ref_attention.SlotCache, d_out):
+    """(dmemory, dx, dwq, dwk, dwv): the fused backward where it pays, else the reference's.
+
+    Unlike :func:`slot_attention_forward` this one is gated (it is the op's backward in
+    :data:`FUSED_OPS` and :func:`memory_write_backward`); the ungated kernel path is
+    :func:`slot_attention_backward_kernel`.
+    """
+    if slot_backward_kernel_pays(cache, d_out):
+        return slot_attention_backward_kernel(cache, d_out)
+    return ref_attention.slot_attention_backward(cache, d_out)
 
 
 def gated_slot_attention_forward(memory, x, wq, wk, wv, *, num_heads: int, tau: float = 0.25, token_mask=None):
@@ -132,7 +196,7 @@ def memory_write_output(memory, x, wq, wk, wv, v_bias, *, num_heads: int, tau: f
 
 
 def memory_write_backward(cache: WriteCache, d_out):
-    """(dmemory, dx, dwq, dwk, dwv, dv_bias): fused BMN backward, then slot attention's."""
+    """(dmemory, dx, dwq, dwk, dwv, dv_bias): fused BMN backward, then slot attention's (gated)."""
     dm, dv_bias = bmn_backward(cache.bmn, d_out)
     return slot_attention_backward(cache.slot, dm) + (dv_bias,)
 

@@ -11,6 +11,10 @@ equations (``memcore.reference``) in one pass where the reference makes several:
 * :func:`slot_attention_core`: Memformer's slot-attention write after the projections,
   one warp per (batch, head, slot): self logit, token logits, softmax and the weighted
   sum in one pass over the tokens (online softmax), optionally storing the weights.
+* :func:`slot_attention_backward_core`: its backward from the stored weights, in two
+  launches with no atomics: one warp per (batch, head, slot) for the slot-side gradients
+  (and the token logit gradients, kept for the second launch), then one warp per
+  (batch, head, token) summing the token-side gradients over the slots in registers.
 
 Shapes: rows R = B * K; memory (B, K, D); tokens (B, L, D); scores (B, N).
 """
@@ -26,13 +30,14 @@ __all__ = [
     "SLOT_WARPS",
     "bmn_backward",
     "bmn_forward",
+    "slot_attention_backward_core",
     "slot_attention_core",
     "sparsify_backward",
     "sparsify_forward",
 ]
 
 BLOCK_MAX = 256  # threads per block for the row kernels
-SLOT_WARPS = 4  # warps (rows of (b, h, i)) per block in the slot-attention kernel
+SLOT_WARPS = 4  # warps (rows of (b, h, i) or (b, h, j)) per block in the slot-attention kernels
 
 _COMMON = r"""
 #define NORM_EPS 1e-12
@@ -241,7 +246,148 @@ extern "C" __global__ void slot_fwd(const T* __restrict__ q, const T* __restrict
 }
 """
 
-_SOURCES = {"bmn": _BMN, "sparsify": _SPARSIFY, "slot": _SLOT}
+_SLOT_BWD = r"""
+// Backward of slot_fwd from the stored weights a (B, H, K, L + 1) = [self, tokens], c = scale.
+// Per (b, h, i), with dO the head slice of d_out, m the raw slot, delta = sum_j a_j da_j:
+//   da_self = <dO, m>, da_j = <dO, vx_j>, dl = a (da - delta) c  (exactly 0 where a = 0),
+//   dq = dl_self ks + sum_j dl_j kx_j, dk_self = dl_self q, dm_self = a_self dO;
+// per (b, h, j): dkx_j = sum_i dl_ij q_i, dvx_j = sum_i a_ij dO_i.
+
+// One warp per (b, h, i), lane owns dims d = lane + 32 r of the head (r < R), as slot_fwd.
+// Writes [dq | dk_self] into dqk (B, K, 2D), a_self dO into dms (B, K, D) and the token
+// logit gradients into dl (B, H, K, L), which slot_bwd_tokens reads.
+extern "C" __global__ void slot_bwd_slots(const T* __restrict__ q, const T* __restrict__ ks,
+                                          const T* __restrict__ kx, const T* __restrict__ vx,
+                                          const T* __restrict__ mem, const T* __restrict__ a,
+                                          const T* __restrict__ dout, T* __restrict__ dqk,
+                                          T* __restrict__ dms, T* __restrict__ dl,
+                                          int B, int H, int K, int L, T scale) {
+    const int lane = threadIdx.x & 31;
+    const long wrow = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (wrow >= (long)B * H * K) return;  // whole warps leave together
+    const int i = wrow % K;
+    const int h = (wrow / K) % H;
+    const long b = wrow / ((long)K * H);
+    const int D = H * DH;
+    const long srow = (b * K + i) * D + h * DH;        // (B, K, D) row of slot i, head h
+    const long orow = (b * K + i) * (2 * D) + h * DH;  // (B, K, 2D) row of slot i, head h
+    const T* arow = a + wrow * (long)(L + 1);          // wrow = (b H + h) K + i
+    T* dlrow = dl + wrow * (long)L;
+    const T a_self = arow[0];
+    T g[R], o[R];
+    T part = 0;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int d = lane + 32 * r;
+        g[r] = d < DH ? dout[srow + d] : (T)0;
+        const T mv = d < DH ? mem[srow + d] : (T)0;  // the self value is the raw slot
+        o[r] = a_self * mv;
+        part += g[r] * mv;
+    }
+    const T da_self = warp_reduce(part, SumOp());
+    // Pass 1: o = a_self m + sum_j a_j vx_j is the forward's output, so delta = <dO, o>
+    // without a reduction per token.
+    for (int j = 0; j < L; ++j) {
+        const T aj = arow[1 + j];
+        if (aj == (T)0) continue;  // masked or underflowed token: adds nothing (warp-uniform)
+        const long trow = (b * L + j) * D + h * DH;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int d = lane + 32 * r;
+            if (d < DH) o[r] += aj * vx[trow + d];
+        }
+    }
+    part = 0;
+#pragma unroll
+    for (int r = 0; r < R; ++r) part += g[r] * o[r];  // both 0 beyond DH
+    const T delta = warp_reduce(part, SumOp());
+    const T dl_self = a_self * (da_self - delta) * scale;
+    T acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int d = lane + 32 * r;
+        acc[r] = d < DH ? dl_self * ks[srow + d] : (T)0;
+    }
+    // Pass 2: dl_j = a_j (<dO, vx_j> - delta) c, accumulated into dq against kx_j.
+    for (int j = 0; j < L; ++j) {
+        const T aj = arow[1 + j];
+        if (aj == (T)0) {  // warp-uniform: every lane read the same aj
+            if (lane == 0) dlrow[j] = (T)0;
+            continue;
+        }
+        const long trow = (b * L + j) * D + h * DH;
+        part = 0;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int d = lane + 32 * r;
+            part += d < DH ? g[r] * vx[trow + d] : (T)0;
+        }
+        const T dlj = aj * (warp_reduce(part, SumOp()) - delta) * scale;
+        if (lane == 0) dlrow[j] = dlj;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int d = lane + 32 * r;
+            if (d < DH) acc[r] += dlj * kx[trow + d];
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int d = lane + 32 * r;
+        if (d < DH) {
+            dqk[orow + d] = acc[r];
+            dqk[orow + D + d] = dl_self * q[srow + d];
+            dms[srow + d] = a_self * g[r];
+        }
+    }
+}
+
+// One warp per (b, h, j): the sums over the K slots stay in the lanes' registers, so each
+// output element has exactly one writer (no atomics, deterministic). Writes [dkx | dvx]
+// into dkv (B, L, 2D).
+extern "C" __global__ void slot_bwd_tokens(const T* __restrict__ q, const T* __restrict__ a,
+                                           const T* __restrict__ dl, const T* __restrict__ dout,
+                                           T* __restrict__ dkv, int B, int H, int K, int L) {
+    const int lane = threadIdx.x & 31;
+    const long wrow = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (wrow >= (long)B * H * L) return;
+    const int j = wrow % L;
+    const int h = (wrow / L) % H;
+    const long b = wrow / ((long)L * H);
+    const int D = H * DH;
+    const long bhk = (b * H + h) * K;  // (b, h, slot 0) row of a and dl
+    T dk[R], dv[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        dk[r] = (T)0;
+        dv[r] = (T)0;
+    }
+    for (int i = 0; i < K; ++i) {
+        const T aij = a[(bhk + i) * (L + 1) + 1 + j];
+        if (aij == (T)0) continue;  // then dl_ij = 0 too
+        const T dlij = dl[(bhk + i) * L + j];
+        const long srow = (b * K + i) * D + h * DH;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int d = lane + 32 * r;
+            if (d < DH) {
+                dv[r] += aij * dout[srow + d];
+                dk[r] += dlij * q[srow + d];
+            }
+        }
+    }
+    const long orow = (b * L + j) * (2 * D) + h * DH;  // (B, L, 2D) row of token j, head h
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int d = lane + 32 * r;
+        if (d < DH) {
+            dkv[orow + d] = dk[r];
+            dkv[orow + D + d] = dv[r];
+        }
+    }
+}
+"""
+
+_SOURCES = {"bmn": _BMN, "sparsify": _SPARSIFY, "slot": _SLOT, "slot_bwd": _SLOT_BWD}
 
 
 def _cp():
@@ -262,7 +408,8 @@ def _ctype(dtype: Any) -> str:
 @functools.cache
 def _module(family: str, ctype: str, dh: int = 0):
     header = f"typedef {ctype} T;\n"
-    if family == "slot":
+    # The backward is a module of its own: a change there cannot break the forward's compile.
+    if family in ("slot", "slot_bwd"):
         header += f"#define DH {dh}\n#define R {(dh + 31) // 32}\n"
     return _cp().RawModule(code=header + _COMMON + _SOURCES[family], options=("--std=c++14",))
 
@@ -384,3 +531,47 @@ def slot_attention_core(
         args = (q, ks, kx, vx, memory, mask, out, a) + dims + (_scalar(q.dtype, scale),)
         kern(grid, (32 * SLOT_WARPS,), args)
     return out, a
+
+
+def slot_attention_backward_core(
+    q: Any, ks: Any, kx: Any, vx: Any, memory: Any, weights: Any, d_out: Any, *,
+    num_heads: int, scale: float,
+) -> tuple[Any, Any, Any]:
+    """The slot-attention backward up to the projections' GEMMs, merged-head layout.
+
+    Two launches, no atomics: :data:`SLOT_WARPS` warps per block, one warp per (b, h, i)
+    (slot side, two passes over the tokens), then one per (b, h, j) (token side, a loop
+    over the slots). The softmax is not recomputed: ``weights`` holds it.
+
+    Args:
+        q, ks, memory: (B, K, D) slot queries, slot keys, raw slots; kx, vx: (B, L, D).
+        weights: (B, H, K, L + 1) the forward's softmax, [self, tokens]; masked tokens 0.
+        d_out: (B, K, D) the output's cotangent; num_heads: H; scale: 1 / (sqrt(dh) tau).
+
+    Returns:
+        (dqk (B, K, 2D) = [dq | dk_self], dms (B, K, D) = a_self d_out per head,
+        dkv (B, L, 2D) = [dkx | dvx]): the gradients w.r.t. the projections' outputs.
+    """
+    cp = _cp()
+    arrays = tuple(cp.ascontiguousarray(t) for t in (q, ks, kx, vx, memory, weights, d_out))
+    q, ks, kx, vx, memory, weights, d_out = arrays
+    dtype = _one_dtype(*arrays)
+    b, k, d = q.shape
+    ell = kx.shape[1]
+    dh = d // num_heads
+    assert weights.shape == (b, num_heads, k, ell + 1), weights.shape  # internal invariant
+    dqk = cp.empty((b, k, 2 * d), dtype=dtype)
+    dms = cp.empty_like(q)
+    dkv = cp.empty((b, ell, 2 * d), dtype=dtype)
+    dl = cp.empty((b, num_heads, k, ell), dtype=dtype)  # every entry written by slot_bwd_slots
+    dims = tuple(_i32(v) for v in (b, num_heads, k, ell))
+    slot_rows, token_rows = b * num_heads * k, b * num_heads * ell
+    block = (32 * SLOT_WARPS,)
+    if slot_rows and dh:
+        args = (q, ks, kx, vx, memory, weights, d_out, dqk, dms, dl) + dims
+        kern = _kernel("slot_bwd", "slot_bwd_slots", dtype, dh)
+        kern((math.ceil(slot_rows / SLOT_WARPS),), block, args + (_scalar(dtype, scale),))
+    if token_rows and dh:  # after the slot launch on the same stream: dl is complete
+        kern = _kernel("slot_bwd", "slot_bwd_tokens", dtype, dh)
+        kern((math.ceil(token_rows / SLOT_WARPS),), block, (q, weights, dl, d_out, dkv) + dims)
+    return dqk, dms, dkv
