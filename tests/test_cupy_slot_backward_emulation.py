@@ -297,9 +297,9 @@ def _same_as_reference(fused_np, cache, d_out) -> bool:
 
 
 def test_gate_constants(fused_np):
-    """Both slot-kernel bounds are 2**22 logits, B*H*K*L."""
+    """The slot-kernel bounds, B*H*K*L logits: 2**22 forward, 2**20 backward (measured)."""
     assert fused_np.SLOT_KERNEL_MAX_LOGITS == 1 << 22
-    assert fused_np.SLOT_BACKWARD_KERNEL_MAX_LOGITS == 1 << 22
+    assert fused_np.SLOT_BACKWARD_KERNEL_MAX_LOGITS == 1 << 20
     assert {"SLOT_BACKWARD_KERNEL_MAX_LOGITS", "slot_backward_kernel_pays",
             "slot_attention_backward_kernel"} <= set(fused_np.__all__)
 

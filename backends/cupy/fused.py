@@ -98,9 +98,13 @@ def slot_attention_output(memory, x, wq, wk, wv, *, num_heads: int, tau: float =
 # loses at 2**24 (0.96x). Above the bound the backend keeps the unfused slot attention.
 SLOT_KERNEL_MAX_LOGITS = 1 << 22
 
-# The backward kernels' bound, B*H*K*L as for the forward. Not measured yet: it starts at
-# the forward's value and is to be set from a GPU run (bench/write_kernel_jax_cupy.py).
-SLOT_BACKWARD_KERNEL_MAX_LOGITS = 1 << 22
+# The backward kernels' bound, B*H*K*L as for the forward, measured on an H200 in the
+# whole memory write (bench/results/write-kernel-cupy-v2-h200.json, L=128 H=8): at 2**20
+# (B=16 K=64) the fused backward takes the write from 1.28x to 1.85-1.95x forward+backward;
+# at 2**22 (B=64 K=64) the write with both kernels is 0.87x of the unfused path, so the
+# backward kernel loses there (one warp per (slot, token) row re-reads the token values
+# that the batched matmuls reuse) and the bound is 2**20.
+SLOT_BACKWARD_KERNEL_MAX_LOGITS = 1 << 20
 
 
 def slot_kernel_pays(memory, x, num_heads: int) -> bool:
