@@ -423,6 +423,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-step", type=float, default=0.05, help="bracket width of the fit")
     p.add_argument("--fit-repeat", type=int, default=1, help="timed runs at the fitted T")
     p.add_argument("--fit-max-T", type=int, default=4096)
+    p.add_argument("--fit-rounds", type=int, default=3, help="prediction rounds of the fit")
+    p.add_argument("--fit-from", default=None,
+                   help="JSON of an earlier run: fit from its rows and fit runs, no new table")
     p.add_argument("--fit-worker", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--worker", "--worker-precision", "--work-dir", "--rows-out"):
         p.add_argument(hidden, default=None, help=argparse.SUPPRESS)
@@ -439,6 +442,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             json.dump(rows, f)
         return {"rows": rows}
     methods = ["bptt"] + [m for m in a.methods.split(",") if m and m != "bptt"]
+    if a.fit_from:
+        return _fit_only(argv, a, methods)
     rows: list[dict] = []
     payload = {"benchmark": "mrbp_lm_jax", "record": _record(argv), "rows": rows,
                "sizes": {k: getattr(a, k) for k in ("B", "L", "D", "H", "K", "vocab", "layers")}}  # fmt: skip
@@ -462,28 +467,66 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return payload
 
 
-def fit_memory(argv: list[str], a, methods: list[str], rows: list[dict], work: str) -> list[dict]:
-    """Largest T per method in ``--fit-gib`` GiB (fp32), bracketed by two measured runs."""
+def _fit_only(argv: list[str], a, methods: list[str]) -> dict[str, Any]:
+    """--fit-from: the fit alone, predicted from an earlier run's table and fit runs; the
+    methods whose earlier fit is already bracketed are carried over, not run again."""
+    with open(a.fit_from) as f:
+        old = json.load(f)
+    payload = {"benchmark": "mrbp_lm_jax", "record": _record(argv), "fit_from": a.fit_from,
+               "rows": old.get("rows", [])}  # fmt: skip
+    done = [f for f in old.get("fit", []) if f.get("fits") and f.get("above_exceeds")]
+    todo = [m for m in methods if m not in {f["method"] for f in done}]
+    with tempfile.TemporaryDirectory() as work:
+        payload["fit"] = done + fit_memory(argv, a, todo, payload["rows"], work, old.get("fit", []))
+    _write(a.out, payload)
+    return payload
+
+
+def _fit_points(method: str, rows: list[dict], fits: list[dict]) -> list[tuple[int, int]]:
+    """(T, peak bytes) of every fp32 run of ``method``: table rows and earlier fit runs."""
+    runs = [r for f in fits if f.get("method") == method for r in f.get("runs", [])]
+    return sorted({(r["T"], r["peak_bytes"]) for r in [*rows, *runs]
+                   if r.get("method") == method and r.get("precision", "fp32") == "fp32"
+                   and r.get("peak_bytes")})  # fmt: skip
+
+
+def fit_memory(
+    argv: list[str], a, methods: list[str], rows: list[dict], work: str, earlier: list[dict] = ()
+) -> list[dict]:
+    """Largest T per method in ``--fit-gib`` GiB (fp32), bracketed by measured runs.
+
+    XLA plans a program's memory statically, so the peak is linear in T: each round predicts
+    T from the two largest T measured so far (table rows, ``earlier`` fit runs, this fit's
+    runs) and runs T and T * (1 + step) in a fresh worker, until T fits and the other does
+    not (at most ``--fit-rounds`` rounds)."""
     cap, fits = a.fit_gib * 2**30, []
     for m in methods:
-        pts = sorted((r["T"], r["peak_bytes"]) for r in rows
-                     if r["method"] == m and r.get("precision") == "fp32" and r.get("peak_bytes"))  # fmt: skip
-        if len(pts) < 2:
-            continue
-        (t0, m0), (t1, m1) = pts[0], pts[-1]
-        slope = (m1 - m0) / (t1 - t0)
-        T = a.fit_max_T if slope <= 0 else min(a.fit_max_T, int((cap - (m0 - slope * t0)) / slope))
-        Ts = [T, max(T + 1, math.ceil(T * (1 + a.fit_step)))]
-        sub = [*argv, "--T", ",".join(map(str, Ts)), "--precision", "fp32", "--check-T", "0",
-               "--repeat", str(a.fit_repeat), "--warmup", "1", "--fit-worker"]  # fmt: skip
-        print(f"fit {a.fit_gib} GiB: {m} slope {slope / 2**20:.1f} MiB/segment -> T {Ts}", flush=True)
-        got = _spawn(sub, m, "fp32", work, a.worker_timeout)
-        fit: dict[str, Any] = {"method": m, "bytes_per_segment": slope, "predicted_T": T, "runs": got}
-        ok = [r for r in got if "peak_bytes" in r]
-        if len(ok) == 2:
+        fit: dict[str, Any] = {"method": m, "runs": []}
+        for _ in range(a.fit_rounds):
+            pts = _fit_points(m, rows, [*earlier, fit])
+            if len(pts) < 2:
+                fit["error"] = f"{len(pts)} measured T (the fit needs two)"
+                break
+            (t0, m0), (t1, m1) = pts[-2], pts[-1]
+            slope = (m1 - m0) / (t1 - t0)
+            T = a.fit_max_T if slope <= 0 else min(a.fit_max_T, int(t1 + (cap - m1) / slope))
+            Ts = [T, max(T + 1, math.ceil(T * (1 + a.fit_step)))]
+            fit.update(bytes_per_segment=slope, predicted_T=T)
+            sub = [*argv, "--T", ",".join(map(str, Ts)), "--precision", "fp32", "--check-T",
+                   "0", "--repeat", str(a.fit_repeat), "--warmup", "1", "--fit-worker"]  # fmt: skip
+            print(f"fit {a.fit_gib} GiB: {m} {slope / 2**20:.1f} MiB/segment -> T {Ts}", flush=True)
+            got = _spawn(sub, m, "fp32", work, a.worker_timeout)
+            fit["runs"] += got
+            ok = [r for r in got if "peak_bytes" in r]
+            if len(ok) != 2:
+                break
             fit["fits"] = ok[0]["peak_bytes"] <= cap
             fit["above_exceeds"] = ok[1]["peak_bytes"] > cap
-            fit["tokens_per_s"] = T * a.B * a.L / ok[0]["median_s"]
+            if fit["fits"]:
+                fit["T"] = T
+                fit["tokens_per_s"] = T * a.B * a.L / ok[0]["median_s"]
+            if fit["fits"] and fit["above_exceeds"]:
+                break
         print(f"fit: {json.dumps({k: v for k, v in fit.items() if k != 'runs'})}", flush=True)
         fits.append(fit)
     return fits
