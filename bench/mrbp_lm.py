@@ -13,6 +13,7 @@ BPTT time / method time (> 1: faster than BPTT); memory ratios are method peak /
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import math
 from collections.abc import Callable
@@ -215,6 +216,13 @@ def _fit_run(name, model, args, device, T: int, repeat: int) -> dict[str, Any]:
         model.zero_grad(set_to_none=False)
 
 
+def _predict_T(first: tuple[int, float], t_a: int, m_a: float, *, cap: float, max_T: int) -> int:
+    """T where the line through ``first`` = (T, bytes) and (t_a, m_a) reaches ``cap``."""
+    t0, m0 = first
+    slope = (m_a - m0) / (t_a - t0)
+    return max_T if slope <= 0 else int(t_a + (cap - m_a) / slope)
+
+
 def fit_memory(model, args, device, rows, gib: float) -> list[dict[str, Any]]:
     """Largest T per method in ``gib`` GiB (fp32), bracketed by runs under that cap.
 
@@ -242,11 +250,7 @@ def fit_memory(model, args, device, rows, gib: float) -> list[dict[str, Any]]:
                 continue
             (t0, m0), (t1, m1) = pts[0], pts[-1]
             slope = (m1 - m0) / (t1 - t0)
-
-            def predict(t_a: int, m_a: float) -> int:
-                s = (m_a - m0) / (t_a - t0) if t_a > t0 else slope
-                return args.fit_max_T if s <= 0 else int(t_a + (cap - m_a) / s)
-
+            predict = functools.partial(_predict_T, (t0, m0), cap=cap, max_T=args.fit_max_T)
             T = min(args.fit_max_T, predict(t1, m1))
             flat = T >= args.fit_max_T
             row: dict[str, Any] = {"method": name, "bytes_per_segment": slope, "predicted_T": T}

@@ -270,3 +270,19 @@ def test_fit_memory_brackets_the_largest_T(monkeypatch):
     assert row["bracketed"] and peak(row["T"]) <= 40 * gib < peak(row["oom_T"])
     assert row["oom_T"] <= -(-row["T"] * 105 // 100)
     assert len(calls) <= args.fit_rounds + 1 and row["tokens_per_s"] == float(row["T"])
+
+
+def test_segment_bytes_blocks_add_up(tmp_path):
+    """The segment's saved bytes are its blocks' (up to shared storages), and recompute
+    keeps far fewer."""
+    from bench import segment_bytes
+
+    payload = segment_bytes.main(
+        ["--B", "2", "--L", "8", "--D", "32", "--H", "4", "--K", "16", "--vocab", "40",
+         "--layers", "2", "--device", "cpu", "--out", str(tmp_path / "seg.json")]  # fmt: skip
+    )
+    got = payload["saved_bytes"]
+    blocks = got["layer0"] + got["layer1"] + got["write"] + got["head_loss"]
+    assert 0.8 * blocks <= got["segment"] <= 1.2 * blocks
+    assert got["segment_recompute"] * 3 < got["segment"]
+    assert json.loads((tmp_path / "seg.json").read_text())["saved_bytes"] == got

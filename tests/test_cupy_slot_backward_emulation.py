@@ -76,8 +76,9 @@ def _dot(g, v):
     return _warp_sum(part)
 
 
-def emulate_slot_backward_core(q, ks, kx, vx, memory, weights, d_out, *, num_heads: int,
-                               scale: float):
+def emulate_slot_backward_core(
+    q, ks, kx, vx, memory, weights, d_out, *, num_heads: int, scale: float
+):
     """kernels.slot_attention_backward_core in NumPy: (dqk (B, K, 2D), dms (B, K, D),
     dkv (B, L, 2D)), with the kernels' order of floating-point operations.
 
@@ -192,8 +193,13 @@ def slot_case(b, k, ell, h, dh, tau, mask, dtype):
 
 def upcast(cache):
     """The same cache with every array in float64: its backward is the exact one of these values."""
-    return cache._replace(**{f: getattr(cache, f).astype(np.float64) for f in cache._fields
-                             if isinstance(getattr(cache, f), np.ndarray)})
+    return cache._replace(
+        **{
+            f: getattr(cache, f).astype(np.float64)
+            for f in cache._fields
+            if isinstance(getattr(cache, f), np.ndarray)
+        }
+    )
 
 
 def max_err(got, want) -> float:
@@ -242,8 +248,9 @@ def test_masked_tokens_and_zero_weights_get_exactly_zero():
     """A token no slot attends to gets dkx = dvx = 0 exactly; in a fully masked row the slots
     keep only the direct path (dq = dk_self = 0, dms = d_out)."""
     cache, d_out = slot_case(2, 5, 37, 3, 40, 0.25, "row-masked", "float32")
-    dqk, dms, dkv = emulate_slot_backward_core(*core_args(cache), d_out, num_heads=3,
-                                               scale=cache.scale)
+    dqk, dms, dkv = emulate_slot_backward_core(
+        *core_args(cache), d_out, num_heads=3, scale=cache.scale
+    )
     assert not dkv[0].any()  # batch row 0 has every token masked
     dead = ~cache.a[1, :, :, 1:].any(axis=(0, 1))  # tokens of row 1 with zero weight everywhere
     assert dead.any() and not dkv[1, dead].any()
@@ -300,8 +307,11 @@ def test_gate_constants(fused_np):
     """The slot-kernel bounds, B*H*K*L logits: 2**22 forward, 2**20 backward (measured)."""
     assert fused_np.SLOT_KERNEL_MAX_LOGITS == 1 << 22
     assert fused_np.SLOT_BACKWARD_KERNEL_MAX_LOGITS == 1 << 20
-    assert {"SLOT_BACKWARD_KERNEL_MAX_LOGITS", "slot_backward_kernel_pays",
-            "slot_attention_backward_kernel"} <= set(fused_np.__all__)
+    assert {
+        "SLOT_BACKWARD_KERNEL_MAX_LOGITS",
+        "slot_backward_kernel_pays",
+        "slot_attention_backward_kernel",
+    } <= set(fused_np.__all__)
 
 
 @pytest.mark.parametrize("mask", [None, "random"])

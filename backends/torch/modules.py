@@ -16,7 +16,7 @@ from torch import nn
 from memcore.backends.torch.attention import memory_read
 from memcore.backends.torch.memory import memory_init, memory_reset, memory_write
 from memcore.backends.torch.routing import mrbp_accumulate
-from memcore.backends.torch.stash import WHERE, MemoryStash
+from memcore.backends.torch.stash import WHERE
 from memcore.backends.torch.steps import sab_step, stack_memories
 from memcore.backends.torch.validate import check_memformer
 from memcore.config import MemoryConfig, SABConfig
@@ -172,7 +172,7 @@ def train_mrbp(
         loss: per-step loss and weights; head: (D, C) linear head for xent (its .grad too).
         resets: (T, B) bool; token_mask: (T, B, L) bool; truncate_every: see routing.mrbp.
         stash: where the stored memories M_0..M_{T-1} wait for the backward: "device", or
-            "host" to offload them to pinned host memory (:class:`MemoryStash`), which keeps
+            "host" to offload them to pinned host memory (:class:`~memcore.backends.torch.stash.MemoryStash`), which keeps
             the device's share flat in T at the same gradients.
 
     Returns:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+
 from memcore.errors import MemcoreError
 
 __all__ = ["WHERE", "MemoryStash"]
