@@ -277,10 +277,8 @@ def test_segment_bytes_blocks_add_up(tmp_path):
     keeps far fewer."""
     from bench import segment_bytes
 
-    payload = segment_bytes.main(
-        ["--B", "2", "--L", "8", "--D", "32", "--H", "4", "--K", "16", "--vocab", "40",
-         "--layers", "2", "--device", "cpu", "--out", str(tmp_path / "seg.json")]  # fmt: skip
-    )
+    sizes = "--B 2 --L 8 --D 32 --H 4 --K 16 --vocab 40 --layers 2 --device cpu".split()
+    payload = segment_bytes.main([*sizes, "--out", str(tmp_path / "seg.json")])
     got = payload["saved_bytes"]
     blocks = got["layer0"] + got["layer1"] + got["write"] + got["head_loss"]
     assert 0.8 * blocks <= got["segment"] <= 1.2 * blocks
