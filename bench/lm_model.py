@@ -72,6 +72,9 @@ class MemformerLM(nn.Module):
         ``backends/torch/triton_write.py`` (falls back to the torch op where they cannot run).
     """
 
+    HEAD_CHUNKS = 4
+    """Token chunks of the head and loss under ``recompute``."""
+
     def __init__(
         self,
         vocab: int,
@@ -92,8 +95,6 @@ class MemformerLM(nn.Module):
         self._validated = False
         self.fused_write = fused_write
 
-    HEAD_CHUNKS = 4
-    """Token chunks of the head and loss under ``recompute``."""
 
     def init_memory(self, batch: int) -> torch.Tensor:
         """M_0 = normalize(v_bias) (B, K, D), differentiable with respect to v_bias."""

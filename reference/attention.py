@@ -15,6 +15,7 @@ __all__ = [
     "memory_read_backward",
     "slot_attention_forward",
     "slot_attention_backward",
+    "slot_attention_head_grads",
     "softmax_backward",
 ]
 
@@ -159,15 +160,18 @@ def slot_attention_forward(memory, x, wq, wk, wv, *, num_heads: int, tau: float 
     return out, SlotCache(memory, x, wq, wk, wv, q, ks, kx, vx, ms, a, scale, num_heads)
 
 
-def slot_attention_backward(cache: SlotCache, d_out):
-    """Gradients (dmemory, dx, dwq, dwk, dwv) of slot_attention.
+def slot_attention_head_grads(cache: SlotCache, d_out):
+    """The attention part of :func:`slot_attention_backward`, before the projections.
 
     Per head with c = 1 / (sqrt(dh) tau) and dO the head slice of d_out:
     da_self = <dO, m>, da_tok = dO vx^T, dm_self = a_self dO, dvx = a_tok^T dO;
     dlogits = a * (da - rowsum(a * da)) (zero where a = 0: masked tokens get no gradient);
-    dq = c (dl_self k_s + dl_tok kx), dk_s = c dl_self q, dkx = c dl_tok^T q;
-    dmemory = dm_self + dq wq^T + dk_s wk^T; dx = dkx wk^T + dvx wv^T;
-    dwq = m^T dq, dwk = m^T dk_s + x^T dkx, dwv = x^T dvx.
+    dq = c (dl_self k_s + dl_tok kx), dk_s = c dl_self q, dkx = c dl_tok^T q.
+    Fused kernels compute exactly this part (the CuPy backend's slot backward).
+
+    Returns:
+        (dq, dk_self, dm_self) (B, K, D) and (dkx, dvx) (B, L, D), heads merged, in the
+        order (dq, dk_self, dkx, dvx, dm_self).
     """
     c = cache
     xp = array_namespace(d_out)
@@ -181,7 +185,19 @@ def slot_attention_backward(cache: SlotCache, d_out):
     dq = dl_self * c.ks + xp.matmul(dl_tok, c.kx)
     dks = dl_self * c.q
     dkx = xp.matmul(mT(xp, dl_tok), c.q)
-    dq, dks, dkx, dvx, dms = (merge_heads(xp, t) for t in (dq, dks, dkx, dvx, dms))
+    return tuple(merge_heads(xp, t) for t in (dq, dks, dkx, dvx, dms))
+
+
+def slot_attention_backward(cache: SlotCache, d_out):
+    """Gradients (dmemory, dx, dwq, dwk, dwv) of slot_attention.
+
+    With the head gradients of :func:`slot_attention_head_grads`:
+    dmemory = dm_self + dq wq^T + dk_s wk^T; dx = dkx wk^T + dvx wv^T;
+    dwq = m^T dq, dwk = m^T dk_s + x^T dkx, dwv = x^T dvx.
+    """
+    c = cache
+    xp = array_namespace(d_out)
+    dq, dks, dkx, dvx, dms = slot_attention_head_grads(cache, d_out)
     dmemory = dms + xp.matmul(dq, mT(xp, c.wq)) + xp.matmul(dks, mT(xp, c.wk))
     dx = xp.matmul(dkx, mT(xp, c.wk)) + xp.matmul(dvx, mT(xp, c.wv))
     dwq = _wgrad(xp, c.memory, dq)

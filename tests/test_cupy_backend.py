@@ -23,6 +23,13 @@ except (ImportError, RuntimeError, OSError):  # no cupy, or cupy without a drive
 if not _GPUS:
     pytest.skip("needs CUDA and cupy", allow_module_level=True)
 
+from _slot_backward_cases import (
+    BWD_SHAPES,
+    assert_float32_close,
+    core_args,
+    kernel_layout_head_grads,
+    upcast,
+)
 from memcore.backends.cupy import CupyBackend, kernels
 from memcore.reference import attention as ref_attention
 from memcore.reference import memory as ref_memory
@@ -312,76 +319,14 @@ def test_split_heads_views_feed_reference_backward():
 
 
 # ------------------------------------------------------------------ slot-attention backward kernels
-# float32 acceptance for the backward kernels, the same as in
+# The backward kernels' shapes, reference gradients and float32 criterion are shared with
 # tests/test_cupy_slot_backward_emulation.py (which replays the kernels' algorithm on the CPU):
-# the error against the float64 backward of the same cache is at most REF32_FACTOR times the
-# reference float32 backward's own error, plus RTOL32 * max |exact| + ATOL32. At tau = 1e-3
-# both float32 backwards lose digits to the 1 / tau in dl = a (da - delta) / (sqrt(dh) tau).
-RTOL32, ATOL32, REF32_FACTOR = 3e-5, 1e-6, 4.0
-BWD_SHAPES = [  # b, k, ell, h, dh, tau: ragged L, K = 1, H = 1, dh not a power of two, tau = 1e-3
-    (2, 5, 37, 3, 40, 0.25),
-    (3, 7, 1, 1, 24, 0.5),
-    (1, 33, 70, 2, 64, 1e-3),
-    (2, 3, 5, 4, 3, 1.0),
-    (2, 1, 45, 1, 33, 0.25),
-    (1, 4, 100, 2, 96, 0.5),
-]
-
-
-def _slot_head_grads(cache, d_out):
-    """The reference backward's lines before the projections, merged as the kernels return
-    them: (dqk (B, K, 2D) = [dq | dk_self], dms (B, K, D), dkv (B, L, 2D) = [dkx | dvx])."""
-    from memcore.reference._xp import concat, merge_heads, mT, split_heads
-
-    c = cache
-    do = split_heads(cp, d_out, c.num_heads)
-    a_self, a_tok = c.a[..., :1], c.a[..., 1:]
-    da_self = cp.sum(do * c.ms, axis=-1, keepdims=True)
-    da = concat(cp, [da_self, cp.matmul(do, mT(cp, c.vx))], axis=-1)
-    dms = a_self * do
-    dvx = cp.matmul(mT(cp, a_tok), do)
-    dl = ref_attention.softmax_backward(cp, c.a, da) * c.scale
-    dl_self, dl_tok = dl[..., :1], dl[..., 1:]
-    dq = dl_self * c.ks + cp.matmul(dl_tok, c.kx)
-    dks = dl_self * c.q
-    dkx = cp.matmul(mT(cp, dl_tok), c.q)
-    dq, dks, dkx, dvx, dms = (merge_heads(cp, t) for t in (dq, dks, dkx, dvx, dms))
-    return concat(cp, [dq, dks], axis=-1), dms, concat(cp, [dkx, dvx], axis=-1)
-
-
-def _core_args(cache):
-    """The backward launcher's array arguments from a SlotCache, as fused.py passes them."""
-    from memcore.reference._xp import merge_heads
-
-    heads = (cache.q, cache.ks, cache.kx, cache.vx, cache.ms)
-    return tuple(merge_heads(cp, t) for t in heads) + (cache.a,)
-
-
-def _exact(cache):
-    """The cache in float64: its backward is the exact one of the cached values."""
-    return cache._replace(**{f: v.astype(cp.float64) for f, v in cache._asdict().items()
-                             if isinstance(v, cp.ndarray)})
+# see tests/_slot_backward_cases.py. At tau = 1e-3 both float32 backwards lose digits to the
+# 1 / tau in dl = a (da - delta) / (sqrt(dh) tau), hence a criterion relative to the reference's.
 
 
 def _arrays(cache, d_out):
     return [v for v in cache if isinstance(v, cp.ndarray)] + [d_out]
-
-
-def _close_to_exact(got, ref32, exact, what: str) -> None:
-    """float32 ``got`` is as accurate as the reference's float32 ``ref32`` (see RTOL32)."""
-    got, ref32, exact = (cp.asnumpy(t).astype(np.float64) for t in (got, ref32, exact))
-    assert got.shape == exact.shape == ref32.shape, f"{what}: {got.shape} {exact.shape}"
-    if not exact.size:
-        return
-    ref_err = float(np.abs(ref32 - exact).max())
-    bound = ATOL32 + RTOL32 * float(np.abs(exact).max()) + REF32_FACTOR * ref_err
-    err = np.abs(got - exact)
-    if err.max() > bound:
-        idx = np.unravel_index(int(err.argmax()), err.shape)
-        raise AssertionError(
-            f"{what} [float32]: max abs error {err.max():.3e} at {idx} > {bound:.3e} "
-            f"(reference float32 error {ref_err:.3e})"
-        )
 
 
 def _count_backward_kernel(monkeypatch):
@@ -418,20 +363,20 @@ def test_slot_backward_kernel_matches_reference(b, k, ell, h, dh, tau, mask, dty
     )
     before = [t.copy() for t in _arrays(cache, d_out)]
     run = functools.partial(kernels.slot_attention_backward_core, num_heads=h, scale=cache.scale)
-    got = run(*_core_args(cache), d_out)
-    exact = _slot_head_grads(_exact(cache), d_out.astype(cp.float64))
-    ref = _slot_head_grads(cache, d_out)
+    got = run(*core_args(cache), d_out)
+    exact = kernel_layout_head_grads(upcast(cache), d_out.astype(cp.float64))
+    ref = kernel_layout_head_grads(cache, d_out)
     for name, g, r, e in zip(("dqk", "dms", "dkv"), got, ref, exact):
         assert g.dtype == np.dtype(dtype) and g.shape == e.shape, name
         if dtype == "float64":
             _close(g, e, dtype, f"slot backward {name}")
         else:
-            _close_to_exact(g, r, e, f"slot backward {name}")
+            assert_float32_close(g, r, e, f"slot backward {name}")
     for t, t0 in zip(_arrays(cache, d_out), before):
         assert cp.array_equal(t, t0), "the backward kernels mutated an input"
     if token_mask is not None and not bool(token_mask.all()):
         assert not bool(got[2][~token_mask].any())  # masked tokens: dkx = dvx = 0 exactly
-    assert all(cp.array_equal(g1, g2) for g1, g2 in zip(got, run(*_core_args(cache), d_out)))
+    assert all(cp.array_equal(g1, g2) for g1, g2 in zip(got, run(*core_args(cache), d_out)))
 
 
 @pytest.mark.parametrize("forward", ["reference", "fused"])
@@ -451,10 +396,10 @@ def test_fused_slot_backward_matches_reference(monkeypatch, b, k, ell, h, dh, ta
     got = fused.slot_attention_backward(cache, d_out)
     assert calls == ["float32"]
     ref32 = ref_attention.slot_attention_backward(cache, d_out)
-    exact = ref_attention.slot_attention_backward(_exact(cache), d_out.astype(cp.float64))
+    exact = ref_attention.slot_attention_backward(upcast(cache), d_out.astype(cp.float64))
     for name, g, r, e in zip(("dmemory", "dx", "dwq", "dwk", "dwv"), got, ref32, exact):
         assert g.dtype == cp.float32 and g.flags.c_contiguous, name
-        _close_to_exact(g, r, e, f"slot backward {name}")
+        assert_float32_close(g, r, e, f"slot backward {name}")
     for t, t0 in zip(_arrays(cache, d_out), before):
         assert cp.array_equal(t, t0), "the fused backward mutated an input"
 

@@ -21,26 +21,19 @@ import zlib
 
 import numpy as np
 import pytest
+from _slot_backward_cases import (
+    BWD_SHAPES,
+    assert_float32_close,
+    core_args,
+    kernel_layout_head_grads,
+    max_err,
+    upcast,
+)
 from memcore.reference import attention as ref_attention
 from memcore.reference import memory as ref_memory
-from memcore.reference._xp import array_namespace, concat, merge_heads, mT, split_heads
+from memcore.reference._xp import merge_heads, split_heads
 
 FUSED_PY = pathlib.Path(__file__).resolve().parents[1] / "backends" / "cupy" / "fused.py"
-
-# The GPU test's float32 acceptance (tests/test_cupy_backend.py::_close_to_exact): error of the
-# fused result against the float64 backward of the same cache <= the reference float32
-# backward's own error times REF32_FACTOR + RTOL32 * max |exact| + ATOL32.
-RTOL32, ATOL32, REF32_FACTOR = 3e-5, 1e-6, 4.0
-
-SHAPES = [  # b, k, ell, h, dh, tau: ragged L, K = 1, H = 1, dh not a power of two, tau = 1e-3
-    (2, 5, 37, 3, 40, 0.25),
-    (3, 7, 1, 1, 24, 0.5),
-    (1, 33, 70, 2, 64, 1e-3),
-    (2, 3, 5, 4, 3, 1.0),
-    (2, 1, 45, 1, 33, 0.25),
-    (1, 4, 100, 2, 96, 0.5),
-]
-
 
 # ------------------------------------------------------------------ the emulation
 def _lanes(t, h: int):
@@ -130,33 +123,6 @@ def emulate_slot_backward_core(
     return dqk, _merged(dms, dh), dkv
 
 
-def reference_head_grads(cache, d_out):
-    """The reference backward's gradients w.r.t. q, k_self, kx, vx and the direct slot path,
-    merged as the kernels return them: (dqk (B, K, 2D), dms (B, K, D), dkv (B, L, 2D)).
-    The lines are ref_attention.slot_attention_backward's, stopped before the projections."""
-    c = cache
-    xp = array_namespace(d_out)
-    do = split_heads(xp, d_out, c.num_heads)
-    a_self, a_tok = c.a[..., :1], c.a[..., 1:]
-    da_self = xp.sum(do * c.ms, axis=-1, keepdims=True)
-    da = concat(xp, [da_self, xp.matmul(do, mT(xp, c.vx))], axis=-1)
-    dms = a_self * do
-    dvx = xp.matmul(mT(xp, a_tok), do)
-    dl = ref_attention.softmax_backward(xp, c.a, da) * c.scale
-    dl_self, dl_tok = dl[..., :1], dl[..., 1:]
-    dq = dl_self * c.ks + xp.matmul(dl_tok, c.kx)
-    dks = dl_self * c.q
-    dkx = xp.matmul(mT(xp, dl_tok), c.q)
-    dq, dks, dkx, dvx, dms = (merge_heads(xp, t) for t in (dq, dks, dkx, dvx, dms))
-    return concat(xp, [dq, dks], axis=-1), dms, concat(xp, [dkx, dvx], axis=-1)
-
-
-def core_args(cache):
-    """The launcher's positional arguments from a SlotCache, as fused.py passes them."""
-    heads = (cache.q, cache.ks, cache.kx, cache.vx, cache.ms)
-    return tuple(merge_heads(np, t) for t in heads) + (cache.a,)
-
-
 # ------------------------------------------------------------------ inputs
 def _rng(*key) -> np.random.Generator:
     return np.random.default_rng([zlib.crc32(k.encode()) if isinstance(k, str) else k for k in key])
@@ -191,40 +157,14 @@ def slot_case(b, k, ell, h, dh, tau, mask, dtype):
     return cache, d_out
 
 
-def upcast(cache):
-    """The same cache with every array in float64: its backward is the exact one of these values."""
-    return cache._replace(
-        **{
-            f: getattr(cache, f).astype(np.float64)
-            for f in cache._fields
-            if isinstance(getattr(cache, f), np.ndarray)
-        }
-    )
-
-
-def max_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    return float(np.abs(got - want).max()) if got.size else 0.0
-
-
-def assert_float32_close(got, ref32, exact, what: str) -> None:
-    """The GPU test's float32 criterion: as accurate as the reference's own float32 backward."""
-    ref_err = max_err(ref32, exact)
-    top = float(np.abs(exact).max()) if exact.size else 0.0
-    bound = ATOL32 + RTOL32 * top + REF32_FACTOR * ref_err
-    err = max_err(got, exact)
-    assert err <= bound, f"{what}: max abs error {err:.3e} > {bound:.3e} (reference: {ref_err:.3e})"
-
-
 # ------------------------------------------------------------------ the emulation vs the reference
 @pytest.mark.parametrize("mask", [None, "random", "row-masked"])
-@pytest.mark.parametrize("b,k,ell,h,dh,tau", SHAPES)
+@pytest.mark.parametrize("b,k,ell,h,dh,tau", BWD_SHAPES)
 def test_emulation_matches_reference_in_float64(b, k, ell, h, dh, tau, mask):
     """In float64 the kernels' algorithm gives the reference's head gradients to rounding."""
     cache, d_out = slot_case(b, k, ell, h, dh, tau, mask, "float64")
     got = emulate_slot_backward_core(*core_args(cache), d_out, num_heads=h, scale=cache.scale)
-    want = reference_head_grads(cache, d_out)
+    want = kernel_layout_head_grads(cache, d_out)
     for name, g, w in zip(("dqk", "dms", "dkv"), got, want):
         scale = float(np.abs(w).max()) if w.size else 0.0
         err = max_err(g, w)
@@ -232,13 +172,13 @@ def test_emulation_matches_reference_in_float64(b, k, ell, h, dh, tau, mask):
 
 
 @pytest.mark.parametrize("mask", [None, "random", "row-masked"])
-@pytest.mark.parametrize("b,k,ell,h,dh,tau", SHAPES)
+@pytest.mark.parametrize("b,k,ell,h,dh,tau", BWD_SHAPES)
 def test_emulation_float32_meets_the_gpu_tolerance(b, k, ell, h, dh, tau, mask):
     """In float32 the kernels' order of operations passes the GPU test's criterion."""
     cache, d_out = slot_case(b, k, ell, h, dh, tau, mask, "float32")
     got = emulate_slot_backward_core(*core_args(cache), d_out, num_heads=h, scale=cache.scale)
-    ref32 = reference_head_grads(cache, d_out)
-    exact = reference_head_grads(upcast(cache), d_out.astype(np.float64))
+    ref32 = kernel_layout_head_grads(cache, d_out)
+    exact = kernel_layout_head_grads(upcast(cache), d_out.astype(np.float64))
     for name, g, r, e in zip(("dqk", "dms", "dkv"), got, ref32, exact):
         assert g.dtype == np.float32
         assert_float32_close(g, r, e, name)
@@ -315,7 +255,7 @@ def test_gate_constants(fused_np):
 
 
 @pytest.mark.parametrize("mask", [None, "random"])
-@pytest.mark.parametrize("b,k,ell,h,dh,tau", SHAPES)
+@pytest.mark.parametrize("b,k,ell,h,dh,tau", BWD_SHAPES)
 def test_fused_backward_composition_matches_reference(fused_np, b, k, ell, h, dh, tau, mask):
     """fused.slot_attention_backward (float32, gate open) runs the kernel path once and gives the
     reference's five gradients; the inputs are not mutated."""

@@ -312,6 +312,8 @@ def _bad_cases():
 def test_bad_input_raises_memcore_error(driver, case):
     """Every malformed call raises MemcoreError naming the argument and what it must be."""
     _, s, over, pattern = case
+    if driver == "mrbp":  # the initial memory is `M0` in mrbp's signature, `state0` in bptt's
+        pattern = pattern.replace("`state0`", "`M0`")
     call = {
         "params": s.params,
         "xs": s.xs,

@@ -438,17 +438,20 @@ def test_routing_errors():
     bad = [
         (dict(xs=xs[:0], targets=targets[:0]), r"`xs` must have T >= 1"),
         (dict(targets=targets[:2]), r"`targets` must have shape"),
-        (dict(M0=M0[:, :, :3]), r"`M0` must have shape"),
+        (dict(M0=M0[:, :, :3]), r"`M0` must have shape"),  # `state0` in bptt: its name there
         (dict(resets=torch.zeros(2, 2, dtype=torch.bool)), r"`resets` must have shape"),
         (dict(resets=torch.zeros(3, 2)), r"`resets` must have dtype bool"),
         (dict(token_mask=torch.ones(3, 2, 2, dtype=torch.bool)), r"`token_mask` must have shape"),
-        (dict(loss=Loss(weights=(1.0, 2.0))), r"`loss.weights` must have length T = 3"),
+        (dict(loss=Loss(weights=(1.0, 2.0))), r"`loss.weights` must have one weight per step"),
         (dict(truncate_every=0), r"`truncate_every` must be None or an integer >= 1"),
         (
             dict(params={k: v for k, v in params.items() if k != "v_bias"}),
-            r"`params` must have exactly the keys",
+            r"`params` must contain .*v_bias.*Received: missing \['v_bias'\]",
         ),
-        (dict(loss=Loss("xent")), r"`params` must have exactly the keys"),
+        (dict(loss=Loss("xent")), r"`params` must contain head_w.*missing \['head_w'\]"),
+        (dict(xs=xs.numpy()), r"`xs` must be a torch.Tensor. Received: xs=ndarray"),
+        (dict(xs=xs.clone().index_fill_(0, torch.tensor([1]), float("nan"))),
+         r"`xs` must be finite"),
         (dict(config=SABConfig()), r"`config` must be a memcore.MemoryConfig"),
     ]
     base = dict(params=params, xs=xs, M0=M0, targets=targets, config=cfg)
@@ -457,7 +460,7 @@ def test_routing_errors():
         args = (kw.pop("params"), kw.pop("xs"), kw.pop("M0"), kw.pop("targets"))
         with pytest.raises(MemcoreError, match=match):
             BE.mrbp(*args, **kw)
-        with pytest.raises(MemcoreError, match=match):
+        with pytest.raises(MemcoreError, match=match.replace("`M0`", "`state0`")):
             BE.bptt("memformer", *args, **kw)
     with pytest.raises(MemcoreError, match="`step` must be one of"):
         BE.bptt("lstm", params, xs, M0, targets, config=cfg)
@@ -472,10 +475,9 @@ def test_routing_errors():
             config=SABConfig(),
             resets=torch.zeros(2, 2, dtype=torch.bool),
         )
+    sab_params, sab_xs, (h0, c0), sab_targets = _sab_inputs(4, SABConfig())
     with pytest.raises(MemcoreError, match=r"`state0\[1\]` must have shape"):
-        BE.sab_sparse_replay(
-            {}, torch.zeros(2, 2, 1, dtype=torch.float64), (h, h[:, :2]), None, config=SABConfig()
-        )
+        BE.sab_sparse_replay(sab_params, sab_xs, (h0, c0[:, :2]), sab_targets, config=SABConfig())
 
 
 def test_routing_leaves_inputs_untouched():

@@ -93,9 +93,23 @@ def _mf_unroll(
 
 
 def _mf_rollout(
-    params, xs, m0, targets, *, config, loss, resets, token_mask, truncate_every, remat
+    params,
+    xs,
+    m0,
+    targets,
+    *,
+    config,
+    loss,
+    resets,
+    token_mask,
+    truncate_every,
+    remat,
+    memory_arg="state0",
 ):
-    check_memformer(params, xs, m0, targets, config, loss, resets, token_mask, truncate_every)
+    check_memformer(
+        params, xs, m0, targets, config, loss, resets, token_mask, truncate_every,
+        memory_arg=memory_arg,
+    )  # fmt: skip
     weights = weights_array(loss, xs.shape[0], xs.dtype)
 
     def fn(p, m):
@@ -175,7 +189,10 @@ def _mf_step_residual_bytes(
 
 
 def _mrbp_replay(params, xs, m0, targets, *, config, loss, resets, token_mask, truncate_every):
-    check_memformer(params, xs, m0, targets, config, loss, resets, token_mask, truncate_every)
+    check_memformer(
+        params, xs, m0, targets, config, loss, resets, token_mask, truncate_every,
+        memory_arg="M0",
+    )  # fmt: skip
     n = xs.shape[0]
     weights = weights_array(loss, n, xs.dtype)
     memories = [m0]  # no-grad forward: only M_0..M_T are kept
@@ -292,7 +309,7 @@ def mrbp(
         truncate_every=truncate_every,
     )
     if method == "checkpoint":
-        return _mf_rollout(params, xs, M0, targets, remat=True, **kw)
+        return _mf_rollout(params, xs, M0, targets, remat=True, memory_arg="M0", **kw)
     if method == "replay":
         return _mrbp_replay(params, xs, M0, targets, **kw)
     raise MemcoreError(f"`method` must be 'checkpoint' or 'replay'. Received: method={method!r}")

@@ -16,7 +16,7 @@ from torch import nn
 from memcore.backends.torch.attention import memory_read
 from memcore.backends.torch.memory import memory_init, memory_reset, memory_write
 from memcore.backends.torch.routing import mrbp_accumulate
-from memcore.backends.torch.stash import WHERE
+from memcore.backends.torch.stash import check_where
 from memcore.backends.torch.steps import sab_step, stack_memories
 from memcore.backends.torch.validate import check_memformer
 from memcore.config import MemoryConfig, SABConfig
@@ -190,11 +190,9 @@ def train_mrbp(
         resets=resets,
         token_mask=token_mask,
         truncate_every=truncate_every,
+        memory_arg="M0",
     )
-    if stash not in WHERE:
-        raise MemcoreError(
-            f"`stash` must be one of {', '.join(map(repr, WHERE))}. Received: stash={stash!r}"
-        )
+    check_where(stash, "stash")
     total, d0, M_T, _ = mrbp_accumulate(
         P,
         xs,

@@ -179,6 +179,7 @@ def _mrbp(params, xs, M0, targets, *, config, loss, resets, token_mask, truncate
         resets=resets,
         token_mask=token_mask,
         truncate_every=truncate_every,
+        memory_arg="M0",
     )
     P = _leaves(params)
     total, d0, M_T, peak = mrbp_accumulate(

@@ -23,10 +23,18 @@ import torch
 
 from memcore.errors import MemcoreError
 
-__all__ = ["WHERE", "MemoryStash"]
+__all__ = ["WHERE", "MemoryStash", "check_where"]
 
 WHERE = ("device", "host")
 """The places a :class:`MemoryStash` can keep memories."""
+
+
+def check_where(where: str, name: str = "where") -> None:
+    """MemcoreError naming argument ``name`` unless ``where`` is one of :data:`WHERE`."""
+    if where not in WHERE:
+        raise MemcoreError(
+            f"`{name}` must be one of {', '.join(map(repr, WHERE))}. Received: {name}={where!r}"
+        )
 
 
 class _Entry(NamedTuple):
@@ -56,10 +64,7 @@ class MemoryStash:
     """
 
     def __init__(self, where: str = "device", *, prefetch: bool = True) -> None:
-        if where not in WHERE:
-            raise MemcoreError(
-                f"`where` must be one of {', '.join(map(repr, WHERE))}. Received: where={where!r}"
-            )
+        check_where(where)
         self.where = where
         self.prefetch = prefetch
         self._items: list[Any] = []

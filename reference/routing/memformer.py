@@ -118,7 +118,9 @@ def mrbp(
     Returns:
         RoutingResult with d_state0 = dM_0 and final_state = M_T.
     """
-    check_memformer(params, xs, M0, targets, config, loss, resets, token_mask, truncate_every)
+    check_memformer(
+        params, xs, M0, targets, config, loss, resets, token_mask, truncate_every, memory_arg="M0"
+    )
     steps = xs.shape[0]
     weights = step_weights(loss.weights, steps)
     head = params.get(HEAD_PARAM)
@@ -155,7 +157,9 @@ def memformer_unroll(
     token_mask: Any = None,
 ) -> tuple[Any, Any]:
     """The forward alone: (ys (T, B, L, D), M_T (B, K, D))."""
-    check_memformer(params, xs, M0, FORWARD_ONLY, config, Loss(), resets, token_mask, None)
+    check_memformer(
+        params, xs, M0, FORWARD_ONLY, config, Loss(), resets, token_mask, None, memory_arg="M0"
+    )
     xp = array_namespace(xs)
     memory, ys = M0, []
     for t in range(xs.shape[0]):
