@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 7, second pass: the commands of the H200 device calls of this round, in order.
 # Usage (repository root, memcore not installed): OUT=DIR bash scripts/gpu_issue7_round2.sh CALL
-# CALL is 1..7 (each was one device call of at most 10 minutes, run from a clean export of the
+# CALL is 1..8 (each was one device call of at most 10 minutes, run from a clean export of the
 # commit then current); outputs were copied into bench/results and conformance/results.
 set -uo pipefail
 : "${OUT:?set OUT to an output folder}"
@@ -9,7 +9,7 @@ source scripts/device_shim.sh
 export PYTHONUNBUFFERED=1
 xla() { XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS=--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_at "$@"; }
 
-case "${1:?call number 1..7}" in
+case "${1:?call number 1..8}" in
 1)  # stash CUDA tests; first LM table with the new variants; first torch fit
   python3 -m pytest -q -p no:cacheprovider tests/test_torch_stash.py | tee "$OUT/stash-pytest-h200.txt"
   python3 -m bench.mrbp_lm --T 8,32 --precision fp32,bf16 \
@@ -52,5 +52,10 @@ case "${1:?call number 1..7}" in
     --methods bptt,checkpoint,mrbp,mrbp_graph,mrbp_graph+host,mrbp+host+layers,mrbp_graph+host+layers,bptt_graph \
     --out "$OUT/mrbp-lm-final-h200.json" 2>&1 | tee "$OUT/mrbp-lm-final-h200.log"
   python3 -m pytest -q -p no:cacheprovider tests/test_cupy_backend.py tests/test_cupy_slot_backward_emulation.py ;;
-*) echo "unknown call $1: expected 1..7" >&2; exit 2 ;;
+8)  # after the review fixes (shared routing validator, shared CuPy test cases): torch, CuPy, stash
+  python3 -m pytest -q -p no:cacheprovider tests/test_torch_stash.py
+  python3 -m pytest -q -p no:cacheprovider tests/test_cupy_backend.py tests/test_cupy_slot_backward_emulation.py
+  python3 -m memcore verify --backend torch --device cuda:0 --dtype float32,bfloat16,float64 --profile ci \
+    --json "$OUT/torch-h200-verify.json" ;;
+*) echo "unknown call $1: expected 1..8" >&2; exit 2 ;;
 esac
