@@ -53,9 +53,10 @@ class MemoryStash:
 
     ``push`` in forward order, ``pop`` in reverse. A pushed tensor must not be modified
     afterwards (push a clone of a buffer you reuse): with ``where="host"`` the copy to the
-    host runs asynchronously on a side stream. Popped tensors are new device tensors, safe
-    to use on the current stream. On a CPU tensor ``"host"`` keeps the tensor itself: it is
-    in host memory already.
+    host runs asynchronously on a side stream. A pop returns a tensor on the pushed one's
+    device, safe to use on the current stream: with ``"device"`` the pushed tensor itself
+    (detached), with ``"host"`` a new copy. On a CPU tensor ``"host"`` keeps the tensor
+    itself: it is in host memory already.
 
     Args:
         where: ``"device"`` (keep the tensors) or ``"host"`` (pinned host copies).
