@@ -14,10 +14,13 @@ from __future__ import annotations
 import platform
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
-from memcore.conformance.runner import CheckResult, Unit
+from memcore.conformance.result import CheckResult
+
+if TYPE_CHECKING:
+    from memcore.conformance.runner import Unit
 
 __all__ = [
     "Progress",

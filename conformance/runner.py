@@ -24,6 +24,7 @@ from memcore.conformance.checks import OP_CHECKS, Outcome, op_errors, op_example
 from memcore.conformance.compare import Comparison, worst
 from memcore.conformance.hooks import dtype_skip_reason, pin_numerics, resolve_device
 from memcore.conformance.profiles import profile_name, register_profiles
+from memcore.conformance.result import CheckResult
 from memcore.conformance.routing_checks import ROUTING_CHECKS, routing_errors, routing_example
 from memcore.conformance.strategies import build_case, memformer_layouts, sab_layouts, seeds, sizes
 from memcore.conformance.xfails import XfailList
@@ -54,38 +55,6 @@ EXAMPLES = {
     "nightly": {"op": (334, 3), "routing": (50, 2)},
 }
 CHECK_DTYPES = ("float64", "float32", "bfloat16", "float16")
-
-
-@attrs.frozen
-class CheckResult:
-    """One row-cell of the report: a check of one op (or routing step) at one dtype.
-
-    Attributes:
-        id: ``<backend>-<device>-<dtype>-<op>-<check>`` (what xfail patterns match).
-        status: "passed", "failed", "skipped", "xfailed" or "xpassed".
-        reason: why it failed, was skipped or xfailed; a note when it passed.
-        examples: drawn examples it ran on.
-        worst: the worst comparison over all examples (None for checks without values).
-        failed_example: the first failing example, as a reproducible label.
-        seconds: time spent on its unit, shared by the unit's checks.
-    """
-
-    id: str
-    backend: str
-    device: str
-    dtype: str
-    op: str
-    check: str
-    status: str
-    reason: str = ""
-    examples: int = 0
-    worst: Comparison | None = None
-    failed_example: str = ""
-    seconds: float = 0.0
-
-    @property
-    def failed(self) -> bool:
-        return self.status == "failed"
 
 
 @attrs.frozen
