@@ -1,0 +1,237 @@
+"""The library's Memformer LM: config checks, torch shapes and numbers, torch vs JAX."""
+
+from __future__ import annotations
+
+import attrs
+import numpy as np
+import pytest
+
+from memcore.errors import MemcoreError
+from memcore.models import MemformerConfig
+
+torch = pytest.importorskip("torch", reason="the torch model needs torch")
+
+from memcore.backends.torch.memformer import MemformerLM  # noqa: E402
+
+SMALL = MemformerConfig(vocab=11, dim=8, heads=2, layers=2, slots=3)
+
+# The bench model (bench/lm_model.py before it moved into the library), float32 on the CPU,
+# torch.manual_seed(0), MemformerLM(vocab=30, dim=32, heads=4, layers=2, slots=5), tokens
+# and targets (3, 2, 6) from torch.Generator().manual_seed(1): the summed loss of 3
+# segments and, for the first and last 4 parameters, the gradient's norm.
+OLD_LOSS = 10.867016792297363
+OLD_GRAD_NORMS_HEAD = [0.302102655736, 0.076198648856, 0.062761917671, 0.62434517858]
+OLD_GRAD_NORMS_TAIL = [0.142971597279, 0.307975462912, 0.156667245378, 2.784231056292]
+
+
+def _rollout(model, tokens, targets, recompute=False):
+    memory = model.init_memory(tokens.shape[1])
+    total = 0
+    for t in range(tokens.shape[0]):
+        loss, memory = model(memory, (tokens[t], targets[t]), recompute)
+        total = total + loss
+    return total, memory
+
+
+def _ids(shape, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, shape, generator=g), torch.randint(0, vocab, shape, generator=g)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"dim": 10, "heads": 4}, "`dim` must be divisible by `heads`"),
+        ({"vocab": 1}, "`vocab` must be an integer >= 2"),
+        ({"layers": 0}, "`layers` must be an integer >= 1"),
+        ({"tau": 1.5}, r"`tau` must be a real number in \(0, 1\]"),
+        ({"slots": 2.0}, "`slots` must be an integer >= 1"),
+        ({"fused_write": 1}, "`fused_write` must be a bool"),
+    ],
+)
+def test_bad_config_raises_memcore_error(kwargs, match):
+    """Each invalid field raises MemcoreError naming the field and the received value."""
+    with pytest.raises(MemcoreError, match=match):
+        attrs.evolve(SMALL, **kwargs)
+
+
+def test_config_is_frozen_and_hashable():
+    """The config hashes (a jit static argument) and derives its memory config."""
+    assert hash(SMALL) == hash(attrs.evolve(SMALL))
+    assert SMALL.memory.slots == 3 and SMALL.memory.dim == 8
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        SMALL.dim = 4
+
+
+def test_import_memcore_models_imports_no_framework():
+    """memcore.models imports neither torch nor JAX."""
+    import subprocess
+    import sys
+
+    code = "import sys, memcore.models; print(any(m in sys.modules for m in ('torch', 'jax')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_torch_shapes_and_initial_memory_gradient():
+    """Loss is a scalar, memories (B, K, D); dM_0 reaches v_bias through init_memory."""
+    torch.manual_seed(0)
+    model = MemformerLM(SMALL, dtype=torch.float64)
+    tokens, targets = _ids((2, 3, 5), SMALL.vocab, 0)
+    m0 = model.init_memory(3)
+    assert m0.shape == (3, SMALL.slots, SMALL.dim) and m0.requires_grad
+    loss, m1 = model(m0, {"tokens": tokens[0], "targets": targets[0]})
+    assert loss.shape == () and m1.shape == m0.shape
+    assert model.advance(tokens[0], m0).shape == m0.shape
+    model(m1, (tokens[1], targets[1]))[0].backward()
+    assert model.writer.v_bias.grad is not None and model.writer.v_bias.grad.abs().sum() > 0
+
+
+def test_torch_model_matches_the_old_bench_numbers():
+    """Same parameters, init and float32 numbers as the bench model it replaces."""
+    torch.manual_seed(0)
+    model = MemformerLM(MemformerConfig(vocab=30, dim=32, heads=4, layers=2, slots=5))
+    tokens, targets = _ids((3, 2, 6), 30, 1)
+    for recompute in (False, True):
+        model.zero_grad(set_to_none=True)
+        total, _ = _rollout(model, tokens, targets, recompute)
+        total.backward()
+        norms = [p.grad.double().norm().item() for p in model.parameters()]
+        assert total.item() == pytest.approx(OLD_LOSS, rel=1e-6)
+        np.testing.assert_allclose(norms[:4], OLD_GRAD_NORMS_HEAD, rtol=1e-5)
+        np.testing.assert_allclose(norms[-4:], OLD_GRAD_NORMS_TAIL, rtol=1e-5)
+
+
+def test_bench_module_is_the_library_model():
+    """bench.lm_model.MemformerLM is the library model with the bench's positional form."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from bench.lm_model import MemformerLM as BenchLM
+
+    model = BenchLM(30, 32, 4, 2, 5, fused_write=False)
+    assert isinstance(model, MemformerLM) and model.config.slots == 5
+
+
+def test_weights_select_positions_and_recompute_keeps_the_loss():
+    """weights = mask / count gives the masked mean; recompute changes no loss or gradient."""
+    torch.manual_seed(1)
+    model = MemformerLM(SMALL, dtype=torch.float64)
+    tokens, targets = _ids((1, 2, 5), SMALL.vocab, 2)
+    m0 = model.init_memory(2).detach()
+    mask = torch.zeros(2, 5, dtype=torch.float64)
+    mask[:, -2:] = 1.0
+    weighted, _ = model(m0, {"tokens": tokens[0], "targets": targets[0], "weights": mask / 4})
+    logits = model.head(model.ln_out(model.encode(tokens[0], m0)))
+    ce = torch.nn.functional.cross_entropy(logits[:, -2:].reshape(4, -1), targets[0][:, -2:].reshape(4))
+    assert weighted.item() == pytest.approx(ce.item(), rel=1e-12)
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad(set_to_none=True)
+        m = m0.clone().requires_grad_(True)
+        seg = {"tokens": tokens[0], "targets": targets[0], "weights": mask / 4}
+        loss, m1 = model(m, seg, recompute)
+        (loss + m1.sum()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()] + [m.grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "segment, memory_shape, match",
+    [
+        ("tokens", (2, 3, 8), "`segment` must be"),
+        ({"tokens": 0, "labels": 0}, (2, 3, 8), "`segment` must be"),
+        (None, (2, 3, 8), "`segment` must be"),
+        ("bad_targets", (2, 3, 8), "`targets` must have the tokens' shape"),
+        ("ok", (2, 8, 3), r"`memory` must have shape \(B, K, D\) = \(2, 3, 8\)"),
+    ],
+)
+def test_torch_bad_segment_raises(segment, memory_shape, match):
+    """A malformed segment or memory raises MemcoreError naming the argument."""
+    model = MemformerLM(SMALL)
+    tokens = torch.zeros(2, 5, dtype=torch.long)
+    if segment == "ok":
+        segment = (tokens, tokens)
+    elif segment == "bad_targets":
+        segment = (tokens, tokens[:, :4])
+    with pytest.raises(MemcoreError, match=match):
+        model(torch.zeros(memory_shape), segment)
+
+
+def test_torch_rejects_a_non_config():
+    """MemformerLM takes a MemformerConfig, nothing else."""
+    with pytest.raises(MemcoreError, match="`config` must be a memcore.models.MemformerConfig"):
+        MemformerLM({"vocab": 11})
+
+
+# ----------------------------------------------------------------------------- JAX
+def _jax():
+    jax = pytest.importorskip("jax", reason="the JAX model needs jax")
+    if not jax.config.jax_enable_x64:
+        pytest.skip("needs JAX_ENABLE_X64=1 for float64 (tests/conftest.py sets it)")
+    from memcore.backends.jax import memformer as jm
+
+    return jax, jm
+
+
+def test_torch_and_jax_give_the_same_loss_and_gradients_in_float64():
+    """From the same parameters, 3 segments: losses and every gradient agree to 1e-10."""
+    jax, jm = _jax()
+    jnp = jax.numpy
+    torch.manual_seed(0)
+    model = MemformerLM(SMALL, dtype=torch.float64)
+    tokens, targets = _ids((3, 2, 5), SMALL.vocab, 3)
+    weights = torch.rand(2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    seg = {"tokens": tokens[2], "targets": targets[2], "weights": weights}
+    m = model.init_memory(2)
+    l0, m = model(m, (tokens[0], targets[0]))
+    l1, m = model(m, (tokens[1], targets[1]))
+    l2, m_final = model(m, seg)
+    (l0 + l1 + l2).backward()
+    params = jm.from_flat({k: v.detach().numpy() for k, v in model.named_parameters()}, SMALL)
+    tok, tgt = jnp.asarray(tokens.numpy()), jnp.asarray(targets.numpy())
+
+    def f(p):
+        m = jm.init_memory(p, 2, SMALL)
+        out = 0.0
+        for t in range(3):
+            s = (tok[t], tgt[t]) if t < 2 else {"tokens": tok[t], "targets": tgt[t],
+                                                "weights": jnp.asarray(weights.numpy())}
+            loss, m = jm.segment_loss(p, m, s, SMALL)
+            out = out + loss
+        return out, m
+
+    (val, mj), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+    assert float(val) == pytest.approx((l0 + l1 + l2).item(), rel=1e-12)
+    np.testing.assert_allclose(np.asarray(mj), m_final.detach().numpy(), rtol=1e-10, atol=1e-12)
+    flat = jm.to_flat(grads, SMALL)
+    for name, p in model.named_parameters():
+        g = p.grad.numpy()
+        err = np.abs(np.asarray(flat[name]) - g).max() / max(np.abs(g).max(), 1e-30)
+        assert err < 1e-10, (name, err)
+
+
+def test_jax_init_matches_torch_names_and_shapes():
+    """init's pytree flattens to the torch model's names and shapes; from_flat inverts it."""
+    jax, jm = _jax()
+    params = jm.init(jax.random.key(0), SMALL)
+    flat = jm.to_flat(params, SMALL)
+    want = {k: tuple(v.shape) for k, v in MemformerLM(SMALL).named_parameters()}
+    assert {k: tuple(v.shape) for k, v in flat.items()} == want
+    back = jm.to_flat(jm.from_flat(flat, SMALL), SMALL)
+    assert all(np.array_equal(back[k], flat[k]) for k in flat)
+
+
+def test_jax_bad_inputs_raise():
+    """A wrong config, flat dict or memory shape raises MemcoreError naming it."""
+    jax, jm = _jax()
+    params = jm.init(jax.random.key(0), SMALL)
+    with pytest.raises(MemcoreError, match="`config` must be"):
+        jm.init(jax.random.key(0), {"vocab": 3})
+    with pytest.raises(MemcoreError, match="`flat` must have the torch model's parameter names"):
+        jm.from_flat({"emb.weight": np.zeros((11, 8))}, SMALL)
+    tok = jax.numpy.zeros((2, 5), jax.numpy.int32)
+    with pytest.raises(MemcoreError, match=r"`memory` must have shape \(B, K, D\)"):
+        jm.segment_loss(params, jax.numpy.zeros((2, 8, 3)), (tok, tok), SMALL)
