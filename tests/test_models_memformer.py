@@ -124,7 +124,8 @@ def test_weights_select_positions_and_recompute_keeps_the_loss():
     mask[:, -2:] = 1.0
     weighted, _ = model(m0, {"tokens": tokens[0], "targets": targets[0], "weights": mask / 4})
     logits = model.head(model.ln_out(model.encode(tokens[0], m0)))
-    ce = torch.nn.functional.cross_entropy(logits[:, -2:].reshape(4, -1), targets[0][:, -2:].reshape(4))
+    scored = logits[:, -2:].reshape(4, -1)
+    ce = torch.nn.functional.cross_entropy(scored, targets[0][:, -2:].reshape(4))
     assert weighted.item() == pytest.approx(ce.item(), rel=1e-12)
     grads = []
     for recompute in (False, True):
