@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import platform
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
@@ -48,8 +48,13 @@ def _figure(r: CheckResult) -> str:
     return ""
 
 
-def format_table(results: Sequence[CheckResult]) -> str:
-    """The op x check x dtype table plus a list of failures, skips and xfails."""
+def format_table(
+    results: Sequence[CheckResult], figure: Callable[[CheckResult], str] = _figure
+) -> str:
+    """The op x check x dtype table plus a list of failures, skips and xfails.
+
+    ``figure`` writes a cell's number(s) after its status (default: the max abs error).
+    """
     dtypes = list(dict.fromkeys(r.dtype for r in results))
     rows = list(dict.fromkeys((r.op, r.check) for r in results))
     by_key = {(r.op, r.check, r.dtype): r for r in results}
@@ -59,7 +64,7 @@ def format_table(results: Sequence[CheckResult]) -> str:
         cells = []
         for d in dtypes:
             r = by_key.get((op, check, d))
-            cells.append("" if r is None else f"{_CELL[r.status]} {_figure(r)}".rstrip())
+            cells.append("" if r is None else f"{_CELL[r.status]} {figure(r)}".rstrip())
         body.append([op, check] + cells)
     widths = (
         [max(len(str(x)) for x in col) for col in zip(head, *body)]
