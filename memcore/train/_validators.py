@@ -10,7 +10,7 @@ import attrs
 
 from memcore.errors import MemcoreError
 
-__all__ = ["bool_", "int_min", "lengths", "one_of", "real", "to_tuple"]
+__all__ = ["bool_", "int_min", "lengths", "one_of", "path_", "real", "to_tuple"]
 
 
 def int_min(low: int):
@@ -62,3 +62,10 @@ def lengths(inst: Any, a: attrs.Attribute, v: Any) -> None:
 
 def to_tuple(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
+
+
+def path_(inst: Any, a: attrs.Attribute, v: Any) -> None:
+    if not isinstance(v, str) or not v or "\x00" in v:
+        raise MemcoreError(
+            f"`{a.name}` must be a non-empty folder path string. Received: {a.name}={v!r}"
+        )

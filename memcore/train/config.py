@@ -16,13 +16,13 @@ that cannot train fails at load time, before a backend is even imported.
 from __future__ import annotations
 
 import pathlib
+import tomllib
 from typing import Any
 
 import attrs
-import tomllib
 
 from memcore.errors import MemcoreError
-from memcore.train._validators import bool_, int_min, lengths, one_of, real, to_tuple
+from memcore.train._validators import bool_, int_min, lengths, one_of, path_, real, to_tuple
 
 __all__ = [
     "ROUTINGS",
@@ -237,7 +237,7 @@ class RunConfig:
     eval_size: int = attrs.field(default=512, validator=int_min(1))
     eval_batch: int = attrs.field(default=128, validator=int_min(1))
     threads: int = attrs.field(default=0, validator=int_min(0))
-    out: str = attrs.field(default="runs/train", validator=attrs.validators.instance_of(str))
+    out: str = attrs.field(default="runs/train", validator=path_)
 
 
 _TASKS = {"copy": CopyTask, "adding": AddingTask, "recall": RecallTask}
@@ -272,7 +272,8 @@ class TrainConfig:
         truncated = method in ("sab_bptt", "sparse_replay", "tbptt")
         if truncated and self.routing.k_trunc == 0:
             raise MemcoreError(
-                f"`routing.k_trunc` must be set (>= 1) for method {method!r}. Received: k_trunc unset"
+                f"`routing.k_trunc` must be set (>= 1) for method {method!r}. "
+                "Received: k_trunc unset"
             )
         if not truncated and self.routing.k_trunc:
             raise MemcoreError(
@@ -331,7 +332,7 @@ def _pick(
 ) -> tuple[type, dict[str, Any]]:
     rest = dict(table)
     choice = rest.pop(key, None)
-    if choice not in registry:
+    if not isinstance(choice, str) or choice not in registry:
         raise MemcoreError(
             f"`{section}.{key}` must be one of {', '.join(repr(k) for k in registry)}. "
             f"Received: {key}={choice!r}"
@@ -380,7 +381,16 @@ def load_config(path: str | pathlib.Path) -> TrainConfig:
             f"`config` must be an existing TOML file. Received: {str(p)!r} (not found)"
         )
     try:
-        data = tomllib.loads(p.read_text())
+        data = tomllib.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise MemcoreError(
+            f"`config` must be a UTF-8 TOML file. Received: {str(p)!r} with byte "
+            f"{exc.object[exc.start:exc.start + 1]!r} at offset {exc.start}"
+        ) from None
+    except OSError as exc:
+        raise MemcoreError(
+            f"`config` must be a readable TOML file. Received: {str(p)!r} ({exc.strerror or exc})"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise MemcoreError(f"`config` must be valid TOML. Received: {p}: {exc}") from None
     return parse_config(data)

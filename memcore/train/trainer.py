@@ -4,7 +4,14 @@ Batch ``s`` comes from ``(seed, train stream, s)``, so a run resumed from the ch
 after step ``s`` sees exactly the batches an uninterrupted run sees; together with the
 saved parameters and Adam state (exact copies in the run's dtype) the resumed loss curve
 is the uninterrupted one. Everything that can make a run fail for its setup (backend,
-device, dtype, routing, output folder) is checked before the first step.
+device, dtype, routing, output folder, the checkpoint to resume) is checked before the
+first step.
+
+An interrupt (Ctrl-C, ``KeyboardInterrupt``) during training saves a checkpoint at the last
+finished step and raises :class:`TrainingInterrupted`; ``resume=True`` continues from it.
+A checkpoint records which backend ran which steps; resuming on another backend is refused
+unless ``switch_backend=True``, and the switch is then recorded in the checkpoint and in
+``results.json`` (``backends``: ``[first_step, name]`` pairs).
 """
 
 from __future__ import annotations
@@ -23,8 +30,14 @@ import numpy as np
 
 from memcore.errors import MemcoreError
 from memcore.registry import get_backend
-from memcore.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from memcore.train.config import TrainConfig, parse_config
+from memcore.train.checkpoint import (
+    Checkpoint,
+    check_out_folder,
+    check_resume,
+    load_checkpoint,
+    save_checkpoint,
+)
+from memcore.train.config import TrainConfig
 from memcore.train.evaluate import batch_metrics, evaluate, plot_history
 from memcore.train.model import init_params, loss_kind, routed_gradient, sab_state0
 from memcore.train.optim import AdamState, adam_init, adam_update
@@ -36,7 +49,7 @@ from memcore.train.tasks import (
     make_batch,
 )
 
-__all__ = ["CHECKPOINT", "PLOT", "RESULTS", "train"]
+__all__ = ["CHECKPOINT", "PLOT", "RESULTS", "TrainingInterrupted", "train"]
 
 CHECKPOINT, RESULTS, PLOT = "checkpoint.npz", "results.json", "curves.png"
 _DRIVER = {
@@ -48,24 +61,47 @@ _DRIVER = {
 }
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by an interrupt; the checkpoint holds step ``steps_done``.
+
+    Attributes:
+        steps_done: optimizer steps in the checkpoint (0 with ``saved`` False: nothing to resume).
+        out: the output folder holding ``checkpoint.npz``.
+        saved: whether a checkpoint exists to ``--resume`` from.
+    """
+
+    def __init__(self, steps_done: int, out: pathlib.Path, saved: bool) -> None:
+        super().__init__(f"training interrupted after step {steps_done}")
+        self.steps_done, self.out, self.saved = steps_done, out, saved
+
+
 @attrs.define
 class _Setup:
     backend: Any
     device: str | None
     dtype: str
     out: pathlib.Path
+    ckpt: Checkpoint | None = None
+    backends: tuple[tuple[int, str], ...] = ()
 
 
 def _prepare(
-    config: TrainConfig, backend: str | None, device: str | None, out: str | None, resume: bool
+    config: TrainConfig,
+    backend: str | None,
+    device: str | None,
+    out: str | None,
+    resume: bool,
+    switch_backend: bool = False,
 ) -> _Setup:
     """Every check that can fail before training; returns the resolved setup."""
-    be = get_backend(backend or "numpy")  # unknown name -> MemcoreError listing the available ones
+    # None follows the registry's precedence (MEMCORE_BACKEND, memcore.toml, numpy);
+    # an unknown name is a MemcoreError listing the available ones.
+    be = get_backend(backend)
     names = tuple(be.devices())
     if device is not None and ("cuda:0" if device == "cuda" else device) not in names:
         raise MemcoreError(
-            f"`--device` must be a device backend {be.name!r} has here. Received: device={device!r} "
-            f"(available: {', '.join(names)})"
+            f"`--device` must be a device backend {be.name!r} has here. "
+            f"Received: device={device!r} (available: {', '.join(names)})"
         )
     caps = be.capabilities(device)
     if config.run.dtype not in caps.dtypes:
@@ -85,8 +121,12 @@ def _prepare(
             f"`--out` {str(path)!r} already holds a checkpoint. Received: no --resume "
             "(pass --resume to continue that run, or choose another --out)"
         )
-    path.mkdir(parents=True, exist_ok=True)
-    return _Setup(be, device, config.run.dtype, path)
+    setup = _Setup(be, device, config.run.dtype, path, backends=((0, be.name),))
+    if resume:
+        setup.ckpt = load_checkpoint(path / CHECKPOINT)
+        setup.backends = check_resume(config, setup.ckpt, be.name, switch_backend)
+    check_out_folder(path)
+    return setup
 
 
 @contextlib.contextmanager
@@ -107,14 +147,15 @@ def _threads(backend: Any, threads: int) -> Iterator[None]:
 class _Progress:
     """A one-line progress bar on a terminal, else one line every ``log_every`` steps."""
 
-    def __init__(self, total: int, stream: TextIO | None) -> None:
+    def __init__(self, total: int, stream: TextIO | None, start: int) -> None:
         self.total, self.stream, self.t0 = total, stream, time.perf_counter()
+        self.start = start
         self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
 
-    def show(self, step: int, start: int, loss: float, metric: str, force: bool) -> None:
+    def show(self, step: int, loss: float, metric: str, force: bool) -> None:
         if self.stream is None or not (self.tty or force):
             return
-        rate = (step - start) / max(time.perf_counter() - self.t0, 1e-9)
+        rate = (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
         filled = int(30 * step / self.total)
         line = (
             f"step {step}/{self.total} |{'#' * filled}{'.' * (30 - filled)}| "
@@ -168,107 +209,139 @@ def train(
     resume: bool = False,
     stop_after: int | None = None,
     progress: TextIO | None = None,
+    switch_backend: bool = False,
 ) -> dict[str, Any]:
-    """Train ``config``; write checkpoints, ``results.json`` and ``curves.png`` under the out folder.
+    """Train ``config``; write checkpoints, ``results.json`` and ``curves.png`` in the out folder.
 
     Args:
         config: the validated run.
-        backend: registry name ("numpy", "torch", "jax", "cupy", ...); None = "numpy".
+        backend: registry name ("numpy", "torch", "jax", "cupy", ...); None = the registry's
+            choice (``MEMCORE_BACKEND``, then ``memcore.toml``, then "numpy").
         device: e.g. "cpu", "cuda:0"; None = the backend's default.
         out: output folder (default ``run.out``).
-        resume: continue from ``<out>/checkpoint.npz`` (its config must match, except steps/out).
+        resume: continue from ``<out>/checkpoint.npz`` (its config must match, except
+            steps/out; run.steps must not be below the steps it holds).
         stop_after: stop (with a checkpoint) after this many steps in this call, e.g. to fit
             a time-limited session; the run is then completed later with ``resume``.
         progress: where the progress bar goes (None = silent).
+        switch_backend: with ``resume``, allow a backend other than the checkpoint's
+            (recorded in ``results.json``'s ``backends``).
 
     Returns:
         The results dict (also written as JSON); "finished" says whether run.steps was reached.
+
+    Raises:
+        MemcoreError: a bad setup, found before the first step.
+        TrainingInterrupted: an interrupt; the last finished step is checkpointed first.
     """
-    setup = _prepare(config, backend, device, out, resume)
+    setup = _prepare(config, backend, device, out, resume, switch_backend)
+    run, ckpt = config.run, setup.ckpt
+    # (done, params, opt) of the last finished step, rebound in one assignment so an
+    # interrupt anywhere sees a consistent triple; `saved` is the step on disk.
+    start = ckpt.step if ckpt is not None else 0
+    saved, last, history = (start if ckpt is not None else None), None, _new_history()
+    t0 = time.perf_counter()
+    try:
+        with _threads(setup.backend, run.threads):
+            last, history = _start(setup, config)
+            end = run.steps if stop_after is None else min(run.steps, start + stop_after)
+            bar = _Progress(run.steps, progress, start)
+            for step in range(start, end):
+                last = _step(setup, config, step, last, history, bar)
+                done = last[0]
+                if (run.checkpoint_every and done % run.checkpoint_every == 0) or done == end:
+                    history["train_time_s"] += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    _save(setup, config, last, history)
+                    saved = done
+            bar.close()
+            history["train_time_s"] += time.perf_counter() - t0
+            return _results(setup, config, last[1], history, end, end >= run.steps)
+    except KeyboardInterrupt:
+        if last is not None and saved != last[0] and last[0] > 0:
+            _trim_history(history, last[0])
+            history["train_time_s"] += time.perf_counter() - t0
+            _save(setup, config, last, history)
+            saved = last[0]
+        raise TrainingInterrupted(saved or 0, setup.out, saved is not None) from None
+
+
+def _start(
+    setup: _Setup, config: TrainConfig
+) -> tuple[tuple[int, dict[str, Any], AdamState], dict[str, Any]]:
+    """The state training starts from (the checkpoint's, or fresh) and the history so far."""
+    ckpt = setup.ckpt
+    if ckpt is None:
+        rng = batch_rng(config.run.seed, STREAM_INIT, 0)
+        params = _to_backend(setup, init_params(config, rng))
+        return (0, params, adam_init(params)), _new_history()
+    params = _to_backend(setup, ckpt.params)
+    opt = AdamState(
+        ckpt.adam_step, _to_backend(setup, ckpt.adam_m), _to_backend(setup, ckpt.adam_v)
+    )
+    return (ckpt.step, params, opt), ckpt.history
+
+
+def _step(
+    setup: _Setup,
+    config: TrainConfig,
+    step: int,
+    last: tuple[int, dict[str, Any], AdamState],
+    history: dict[str, Any],
+    bar: _Progress,
+) -> tuple[int, dict[str, Any], AdamState]:
+    """One optimizer step from ``last``; appends to ``history``, returns the new triple."""
     run, be = config.run, setup.backend
-    if resume:
-        ckpt = load_checkpoint(setup.out / CHECKPOINT)
-        _check_same_run(config, ckpt.config)
-        params = _to_backend(setup, ckpt.params)
-        opt = AdamState(
-            ckpt.adam_step, _to_backend(setup, ckpt.adam_m), _to_backend(setup, ckpt.adam_v)
-        )
-        start, history = ckpt.step, ckpt.history
-    else:
-        params = _to_backend(setup, init_params(config, batch_rng(run.seed, STREAM_INIT, 0)))
-        opt, start, history = adam_init(params), 0, _new_history()
-    end = run.steps if stop_after is None else min(run.steps, start + stop_after)
-    bar = _Progress(run.steps, progress)
+    _, params, opt = last
     dim = getattr(config.model, "dim", 0)
-    with _threads(be, run.threads):
-        t0 = time.perf_counter()
-        for step in range(start, end):
-            batch = make_batch(
-                config.task, batch_rng(run.seed, STREAM_TRAIN, step), run.batch_size, dim=dim
-            )
-            xs = be.from_numpy(batch.xs, dtype=setup.dtype, device=setup.device)
-            state0 = None
-            if config.model.kind == "sab":
-                state0 = sab_state0(
-                    be, run.batch_size, config.model.hidden, setup.dtype, setup.device
-                )
-            res = routed_gradient(
-                be,
-                config,
-                params,
-                xs,
-                _targets(setup, config, batch.targets),
-                batch.weights,
-                state0,
-            )
-            if not math.isfinite(res.loss):
-                raise MemcoreError(
-                    f"Training diverged: the loss must stay finite. Received: loss={res.loss} at step {step + 1}"
-                )
-            done = step + 1
-            logged = done % run.log_every == 0 or done == run.steps
-            if logged:  # accuracy of the parameters that produced this loss, on this batch
-                metrics = batch_metrics(
-                    setup.backend, setup.device, setup.dtype, config, params, batch
-                )
-                history["train"].append({"step": done, **metrics})
-            params, opt, norm = adam_update(params, res.grads, opt, config.optim)
-            history["step"].append(done)
-            history["loss"].append(res.loss)
-            history["grad_norm"].append(norm)
-            history["peak_cache_bytes"] = max(
-                history["peak_cache_bytes"], int(res.peak_cache_bytes)
-            )
-            if logged:
-                bar.show(done, start, res.loss, _metric_text(history["train"][-1]), force=True)
-            else:
-                bar.show(done, start, res.loss, "", force=False)
-            if run.eval_every and done % run.eval_every == 0 and done != run.steps:
-                history["eval"].append(
-                    {
-                        "step": done,
-                        **evaluate(setup.backend, setup.device, setup.dtype, config, params),
-                    }
-                )
-            if (run.checkpoint_every and done % run.checkpoint_every == 0) or done == end:
-                history["train_time_s"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                _save(setup, config, params, opt, done, history)
-        bar.close()
-        history["train_time_s"] += time.perf_counter() - t0
-        finished = end >= run.steps
-        results = _results(setup, config, params, history, end, finished)
-    return results
+    rng = batch_rng(run.seed, STREAM_TRAIN, step)
+    batch = make_batch(config.task, rng, run.batch_size, dim=dim)
+    xs = be.from_numpy(batch.xs, dtype=setup.dtype, device=setup.device)
+    state0 = None
+    if config.model.kind == "sab":
+        state0 = sab_state0(be, run.batch_size, config.model.hidden, setup.dtype, setup.device)
+    targets = _targets(setup, config, batch.targets)
+    res = routed_gradient(be, config, params, xs, targets, batch.weights, state0)
+    if not math.isfinite(res.loss):
+        raise MemcoreError(
+            "Training diverged: the loss must stay finite. "
+            f"Received: loss={res.loss} at step {step + 1}"
+        )
+    done = step + 1
+    logged = done % run.log_every == 0 or done == run.steps
+    if logged:  # accuracy of the parameters that produced this loss, on this batch
+        metrics = batch_metrics(be, setup.device, setup.dtype, config, params, batch)
+        history["train"].append({"step": done, **metrics})
+    params, opt, norm = adam_update(params, res.grads, opt, config.optim)
+    history["step"].append(done)
+    history["loss"].append(res.loss)
+    history["grad_norm"].append(norm)
+    history["peak_cache_bytes"] = max(history["peak_cache_bytes"], int(res.peak_cache_bytes))
+    if logged:
+        bar.show(done, res.loss, _metric_text(history["train"][-1]), force=True)
+    else:
+        bar.show(done, res.loss, "", force=False)
+    if run.eval_every and done % run.eval_every == 0 and done != run.steps:
+        metrics = evaluate(be, setup.device, setup.dtype, config, params)
+        history["eval"].append({"step": done, **metrics})
+    return done, params, opt
+
+
+def _trim_history(history: dict[str, Any], done: int) -> None:
+    """Drop what an interrupted step had appended after step ``done``."""
+    for key in ("step", "loss", "grad_norm"):
+        del history[key][done:]
+    for key in ("train", "eval"):
+        history[key] = [r for r in history[key] if r["step"] <= done]
 
 
 def _save(
     setup: _Setup,
     config: TrainConfig,
-    params: dict[str, Any],
-    opt: AdamState,
-    done: int,
+    last: tuple[int, dict[str, Any], AdamState],
     history: dict[str, Any],
 ) -> None:
+    done, params, opt = last
     np_ = setup.backend.to_numpy
     save_checkpoint(
         setup.out / CHECKPOINT,
@@ -280,22 +353,9 @@ def _save(
             adam_v={k: np_(v) for k, v in opt.v.items()},
             config=config.to_dict(),
             history=history,
+            backends=setup.backends,
         ),
     )
-
-
-def _check_same_run(config: TrainConfig, saved: dict[str, Any]) -> None:
-    """A resumed run must be the saved run: only run.steps and run.out may change."""
-    now = config.to_dict()
-    stored = parse_config(saved).to_dict()
-    for section in (now, stored):
-        section["run"] = {k: v for k, v in section["run"].items() if k not in ("steps", "out")}
-    if now != stored:
-        diff = sorted(f"{s}.{k}" for s in now for k in now[s] if now[s].get(k) != stored[s].get(k))
-        raise MemcoreError(
-            f"`--resume` config must match the checkpoint's (only run.steps and run.out may change). "
-            f"Received: different {', '.join(diff)}"
-        )
 
 
 def _results(
@@ -317,6 +377,7 @@ def _results(
         "config": config.to_dict(),
         "backend": setup.backend.name,
         "backend_version": setup.backend.version,
+        "backends": [list(b) for b in setup.backends],
         "device": setup.device or "default",
         "steps_done": done,
         "finished": finished,
