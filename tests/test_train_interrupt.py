@@ -134,7 +134,7 @@ def test_sigint_to_a_running_process_then_resume_equals_an_uninterrupted_run(tmp
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         for line in proc.stderr:  # one progress line per step (log_every 1, not a terminal)
-            if line.startswith("step 2/"):
+            if line.startswith("step 3/"):  # so step 2 has surely returned
                 break
         proc.send_signal(signal.SIGINT)
         rest = proc.stderr.read()
