@@ -126,8 +126,8 @@ def _rows(framework: str, device: str, op: str, comps: list[Any]) -> list[Any]:
 
     return [
         CheckResult(
-            # the conformance id pattern, <backend>-<device>-<dtype>-<op>-<check>
-            id=f"{framework}-{device}-float64-{op}-{c.name}",
+            # The table's failure notes print "FAIL  <id>: <check>: <errors>".
+            id=op,
             backend=framework,
             device=device,
             dtype="float64",
@@ -164,14 +164,14 @@ def _mrbp_vs_bptt(bptt: Run, mrbp: Run, tol: Any) -> list[Any]:
 
 
 def _mapping(param_map: Mapping[str, Any] | None, torch_run: Run) -> dict[str, tuple[str, Any]]:
+    out = {n: (n, None) for n in torch_run.grads}
     if param_map is None:
-        return {n: (n, None) for n in torch_run.grads}
+        return out
     if not isinstance(param_map, Mapping):
         raise MemcoreError(
             "`param_map` must be a dict {torch name: JAX name or (JAX name, fn)}. "
             f"Received: {type(param_map).__name__}"
         )
-    out = {}
     for t, target in param_map.items():
         if isinstance(target, str):
             out[t] = (target, None)
@@ -316,7 +316,8 @@ def check_mrbp(
         jax: (step, params, memory0, segments) for the torch-vs-JAX form.
         param_map: torch parameter name -> JAX name ("reader.wq"), or (name, fn) where fn
             maps the torch array to the JAX layout (e.g. ``np.transpose`` for nn.Linear
-            weights). Default: the same names. JAX names join pytree keys with dots.
+            weights). Names it leaves out map to the same name. JAX names join pytree
+            keys with dots ({"read1": {"wq": w}} -> "read1.wq").
 
     Returns:
         MRBPReport: ``passed``, per-row ``errors()`` (max abs, max rel), ``text`` (print it).

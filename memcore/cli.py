@@ -73,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--no-self-check", action="store_true", help="skip the reference self-check tables"
     )
+    v.add_argument(
+        "--model",
+        default=None,
+        metavar="PKG.MOD:FACTORY",
+        help="instead: check your own model's MRBP gradients against BPTT in float64; "
+        "factory() returns a memcore.ModelCheck (docs/models.md)",
+    )
     sub.add_parser(
         "train",
         help="train a model from a TOML config (memcore train CONFIG.toml --help)",
@@ -134,6 +141,8 @@ def _load(
 def _verify(args: argparse.Namespace, argv: Sequence[str]) -> int:
     # Before any backend import: JAX reads this once, and without it float64 is silently float32.
     os.environ.setdefault("JAX_ENABLE_X64", "1")
+    if args.model is not None:
+        return _verify_model(args)
     import importlib.util
 
     if importlib.util.find_spec("hypothesis") is None:
@@ -270,6 +279,24 @@ def _verify(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"\nJSON report: {args.json}")
     print("\nverify: " + ("PASSED" if ok else "FAILED"))
     return 0 if ok else 1
+
+
+def _verify_model(args: argparse.Namespace) -> int:
+    """``verify --model``: check_mrbp on the factory's model; exit 0 / 1, 2 on bad input."""
+    from memcore.check_model import load_model_check, run_model_check
+    from memcore.conformance.report import write_json
+
+    try:
+        result = run_model_check(load_model_check(args.model))
+    except MemcoreError as exc:
+        return _usage(str(exc))
+    except Exception as exc:  # noqa: BLE001 - the user's factory or step failed: one line, not ours
+        return _usage(f"`--model` {args.model} raised {type(exc).__name__}: {exc}")
+    print(result.text)
+    if args.json:
+        write_json(args.json, result.to_json())
+        print(f"\nJSON report: {args.json}")
+    return 0 if result.passed else 1
 
 
 def _cross(
