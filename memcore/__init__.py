@@ -4,6 +4,7 @@ with a NumPy reference that defines the semantics and backends measured against 
 Importing memcore imports none of torch, jax or cupy; backends load on first use.
 """
 
+from memcore.check_model import ModelCheck, check_mrbp
 from memcore.config import MemoryConfig, SABConfig
 from memcore.errors import MemcoreError
 from memcore.ops import OPS, get_op
@@ -16,11 +17,13 @@ SPEC_VERSION = "1.0"
 __all__ = [
     "MemcoreError",
     "MemoryConfig",
+    "ModelCheck",
     "OPS",
     "Options",
     "SABConfig",
     "SPEC_VERSION",
     "available_backends",
+    "check_mrbp",
     "get_backend",
     "get_op",
     "get_options",
