@@ -19,15 +19,10 @@ from typing import Any
 
 import torch
 
-from memcore.backends.torch.accounting import SavedBytes, held_tensors, nbytes_of
+from memcore.backends.torch import cells, sab_model
+from memcore.backends.torch.accounting import SavedBytes, held_tensors
 from memcore.backends.torch.stash import MemoryStash
-from memcore.backends.torch.steps import (
-    SABMemories,
-    loss_weight,
-    memformer_step,
-    sab_bank_step,
-    step_loss,
-)
+from memcore.backends.torch.steps import loss_weight, memformer_step, step_loss
 from memcore.backends.torch.validate import check_memformer, check_sab
 from memcore.errors import MemcoreError
 from memcore.routing_types import Loss, RoutingResult
@@ -231,51 +226,13 @@ def mrbp(
 
 
 # ---------------------------------------------------------------------- SAB
-def _reads(t: int, config) -> int:
-    """N_t, the memories step t reads; also the slot step t writes when t % k_att == 0."""
-    return int(config.include_h0_memory) + (t - 1) // config.k_att
-
-
-def _sab_graph(P, xs, h, c, targets, config, loss, truncate, retrieval):
-    """Whole-graph SAB forward: (L, h_T, c_T, memories); ``truncate`` applies the k_trunc cuts."""
-    T = xs.shape[0]
-    mem = SABMemories(_reads(T + 1, config), h, retrieval)
-    mem.track()
-    if config.include_h0_memory:
-        mem.write(0, h)
-    total = xs.new_zeros(())
-    for t in range(1, T + 1):
-        if truncate and t > 1 and (t - 1) % config.k_trunc == 0:
-            h, c = h.detach(), c.detach()
-        h, c, y = sab_bank_step(P, xs[t - 1], h, c, mem, _reads(t, config), config=config)
-        total = total + loss_weight(loss.weights, t - 1) * step_loss(
-            y, targets[t - 1], loss.kind, P
-        )
-        if t % config.k_att == 0:
-            mem.write(_reads(t, config), h)
-    return total, h, c, mem
-
-
+# The SAB drivers are memcore's LSTM cell under the cell-generic drivers of .sab_model.
 def _sab_whole(params, xs, state0, targets, *, config, loss, truncate, retrieval):
     check_sab(params, xs, state0, targets, config=config, loss=loss)
-    P = _leaves(params)
-    h0, c0 = (s.detach().requires_grad_(True) for s in state0)
-    with torch.enable_grad(), SavedBytes(held_tensors(params, xs, targets)) as saved:
-        total, h, c, mem = _sab_graph(P, xs, h0, c0, targets, config, loss, truncate, retrieval)
-        outs, cts = mem.roots()
-        grads = torch.autograd.grad(
-            [total] + outs,
-            list(P.values()) + [h0, c0],
-            [torch.ones_like(total)] + cts,
-            allow_unused=True,
-        )
-    return RoutingResult(
-        loss=float(total.detach()),
-        grads=_grads(P, grads[:-2]),
-        d_state0=(_zero_if_none(grads[-2], h0), _zero_if_none(grads[-1], c0)),
-        final_state=(h.detach(), c.detach()),
-        peak_cache_bytes=saved.total + nbytes_of([mem.values]),  # saved tensors + the bank
-    )
+    return sab_model.sab_bptt(
+        cells.lstm, params, xs, tuple(state0), targets, config=config, loss=loss,
+        truncate=truncate, retrieval=retrieval, check=False,
+    )  # fmt: skip
 
 
 def bptt(
@@ -338,80 +295,16 @@ def sab_sparse_replay(
 ) -> RoutingResult:
     """The gradient of :func:`sab_bptt` keeping only chunk-boundary states and memory vectors.
 
-    A no-grad forward stores (h, c) entering each chunk and every memory vector (in one
-    (N_max, B, Hd) bank; a boundary h that is also a memory is a view of it). Chunks are
-    then replayed last to first: chunk c is recomputed from its boundary state reading the
-    stored memories, and back-propagates its weighted losses plus the gradient that later
-    chunks accumulated for the memories it wrote; its reads add gradient into the
-    accumulator of the memories they read. A chunk with no non-zero loss weight and no
-    memory with non-zero gradient is skipped. Loss weights decide on the host; only a
-    chunk without loss looks at the accumulator, one device check for a run of such
-    chunks until one of them is replayed. ``replayed_chunks`` lists the replayed 0-based
-    chunk indices in replay order (descending). ``retrieval``: see :func:`bptt`.
+    :func:`.sab_model.sab_sparse_replay` with memcore's LSTM cell: a no-grad forward stores
+    (h, c) entering each chunk and every memory vector (in one (N_max, B, Hd) bank; a
+    boundary h that is also a memory is a view of it); chunks are replayed last to first,
+    each back-propagating its weighted losses plus the gradient later chunks accumulated
+    for the memories it wrote. A chunk with no non-zero loss weight and no memory with
+    non-zero gradient is skipped. ``replayed_chunks`` lists the replayed 0-based chunk
+    indices in replay order (descending). ``retrieval``: see :func:`bptt`.
     """
     check_sab(params, xs, state0, targets, config=config, loss=loss)
-    cfg, T, kt = config, int(xs.shape[0]), config.k_trunc
-    P = _leaves(params)
-    boundary: list[tuple[torch.Tensor, torch.Tensor]] = []
-    h, c = (s.detach() for s in state0)
-    mem = SABMemories(_reads(T + 1, cfg), h, retrieval)
-    if cfg.include_h0_memory:
-        mem.write(0, h)
-    total = xs.new_zeros((), dtype=torch.float64)
-    with torch.no_grad():
-        for t in range(1, T + 1):
-            if (t - 1) % kt == 0:
-                boundary.append((h, c))
-            h, c, y = sab_bank_step(P, xs[t - 1], h, c, mem, _reads(t, cfg), config=cfg)
-            total += loss_weight(loss.weights, t - 1) * step_loss(y, targets[t - 1], loss.kind, P)
-            if t % cfg.k_att == 0:
-                mem.write(_reads(t, cfg), h)
-                h = mem.values[_reads(t, cfg)]  # the next boundary h shares the bank
-    final = (h.clone(), c)
-    stored_tensors = [s for pair in boundary for s in pair] + [mem.values]
-    stored = nbytes_of(stored_tensors)
-    held = held_tensors(P, xs, targets) + stored_tensors
-    d_h0 = d_c0 = flags = None
-    replayed: list[int] = []
-    chunk_peak = 0
-    for chunk in reversed(range(len(boundary))):
-        first, last = chunk * kt + 1, min((chunk + 1) * kt, T)
-        lo, hi = _reads(first, cfg), _reads(last + 1, cfg)  # the slots this chunk writes
-        if not any(loss_weight(loss.weights, t - 1) != 0.0 for t in range(first, last + 1)):
-            if lo == hi or not replayed:
-                continue  # nothing can have sent gradient into this chunk
-            if flags is None:  # valid for every chunk down to the next replay
-                flags = mem.grad[:hi].ne(0).flatten(1).any(1).tolist()
-            if not any(flags[lo:hi]):
-                continue
-        flags = None
-        replayed.append(chunk)
-        mem.begin_chunk(lo)
-        h, c = (s.detach().requires_grad_(chunk == 0) for s in boundary[chunk])
-        h_in, c_in = h, c
-        with torch.enable_grad(), SavedBytes(held) as saved:
-            l_chunk = xs.new_zeros(())
-            for t in range(first, last + 1):
-                h, c, y = sab_bank_step(P, xs[t - 1], h, c, mem, _reads(t, cfg), config=cfg)
-                l_chunk = l_chunk + loss_weight(loss.weights, t - 1) * step_loss(
-                    y, targets[t - 1], loss.kind, P
-                )
-                if t % cfg.k_att == 0:
-                    mem.write(_reads(t, cfg), h, store=False)
-            outs, cts = mem.roots()
-            torch.autograd.backward([l_chunk] + outs, [torch.ones_like(l_chunk)] + cts)
-        mem.end_chunk()
-        chunk_peak = max(chunk_peak, saved.total)
-        if chunk == 0:
-            d_h0, d_c0 = h_in.grad, c_in.grad
-    d_h0 = _zero_if_none(d_h0, state0[0])
-    if cfg.include_h0_memory and mem.grad is not None:
-        d_h0 = d_h0 + mem.grad[0]  # h0 read as a memory: its reads' gradient joins dh0
-    return RoutingResult(
-        loss=float(total),
-        grads={k: _zero_if_none(v.grad, v) for k, v in P.items()},
-        d_state0=(d_h0, _zero_if_none(d_c0, state0[1])),
-        final_state=final,
-        peak_cache_bytes=stored + chunk_peak,
-        replayed_chunks=tuple(replayed),
-    )
+    return sab_model.sab_sparse_replay(
+        cells.lstm, params, xs, tuple(state0), targets, config=config, loss=loss,
+        retrieval=retrieval, check=False,
+    )  # fmt: skip

@@ -198,8 +198,11 @@ class _BankRead(torch.autograd.Function):
         if not cfg.block_score_grad:
             dm = dm + g @ w1.t()
             d_h = g_rows @ w2.t()
+        # index_add_ on the flat (N * B, Hd) accumulator: no host sync (CUDA-graph safe);
+        # the (slot, row) pairs are distinct (topk indices per row), so order is irrelevant.
+        flat = ctx.bank.grad.view(-1, dm.shape[-1])
         rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1)
-        ctx.bank.grad.index_put_((idx, rows), dm, accumulate=True)
+        flat.index_add_(0, (idx * idx.shape[0] + rows).reshape(-1), dm.reshape(-1, dm.shape[-1]))
         return d_h, d_w1, h_hat.t() @ g_rows, d_w3, None, None, None, None
 
 

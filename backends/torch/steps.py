@@ -159,6 +159,9 @@ class SABMemories:
         self._leaves: list[torch.Tensor] = []
         self._written: list[tuple[torch.Tensor, int]] = []
         self._in_chunk = False
+        # "autograd" mode's retrieval on stacked memories: (h_hat, memories, params, config)
+        # -> s; None is memcore's sparse_retrieve (sab_model.retrieval_for plugs others in).
+        self.retrieve = None
 
     def track(self) -> None:
         """Starts the gradient accumulator (zeros)."""
@@ -179,6 +182,8 @@ class SABMemories:
         if self.fast:
             return bank_retrieve(self, n, h_hat, p["w1"], p["w2"], p["w3"], self._token, config)
         assert len(self._live) == n, (len(self._live), n)
+        if self.retrieve is not None:
+            return self.retrieve(h_hat, stack_memories(self._live, h_hat), p, config)
         return sparse_retrieve(
             h_hat,
             stack_memories(self._live, h_hat),
