@@ -12,7 +12,10 @@ The copies overlap the caller's compute; what they cost is reported by ``bench.m
 Values are bit-identical to keeping the memories on the device (a copy is a copy), so
 every equivalence MRBP has with BPTT holds unchanged.
 
-Shapes: any; in MRBP a memory is (B, K, D).
+Shapes: any; in MRBP a memory is (B, K, D). A memory that is a pytree of tensors (several
+memories, per-layer memories) goes in with :meth:`MemoryStash.push_tree` and comes back with
+:meth:`MemoryStash.pop_tree`: its leaves are pushed one by one, so the prefetch of the next
+older memory's last leaf starts as soon as the newer memory's first leaf is popped.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+from torch.utils import _pytree as pytree
 
 from memcore.errors import MemcoreError
 
@@ -71,6 +75,7 @@ class MemoryStash:
         self._items: list[Any] = []
         self._fetched: dict[int, _Fetched] = {}  # index in _items -> device copy
         self._streams: dict[torch.device, Any] = {}
+        self._trees: list[tuple[Any, int]] = []  # (treespec, leaves) per push_tree
 
     def __len__(self) -> int:
         return len(self._items)
@@ -139,7 +144,29 @@ class MemoryStash:
             self._fetch(index - 1)
         return out
 
+    def push_tree(self, tree: Any) -> None:
+        """Store a pytree of tensors (``torch.utils._pytree``), leaf by leaf, as :meth:`push`."""
+        leaves, spec = pytree.tree_flatten(tree)
+        bad = [type(x).__name__ for x in leaves if not isinstance(x, torch.Tensor)]
+        if bad:
+            raise MemcoreError(
+                "`tree` must be a pytree whose leaves are all torch.Tensors. "
+                f"Received: leaves of type {', '.join(sorted(set(bad)))}"
+            )
+        for leaf in leaves:
+            self.push(leaf)
+        self._trees.append((spec, len(leaves)))
+
+    def pop_tree(self) -> Any:
+        """Remove and return the newest pytree pushed with :meth:`push_tree` (as :meth:`pop`)."""
+        if not self._trees:
+            raise MemcoreError("pop_tree needs an earlier push_tree: none is left in the stash")
+        spec, n = self._trees.pop()
+        leaves = [self.pop() for _ in range(n)]
+        return pytree.tree_unflatten(leaves[::-1], spec)
+
     def clear(self) -> None:
         """Drop everything (pending copies finish first, on their stream)."""
         self._items.clear()
         self._fetched.clear()
+        self._trees.clear()
