@@ -15,9 +15,15 @@ from torch import nn
 
 from memcore.backends.torch.attention import memory_read
 from memcore.backends.torch.memory import memory_init, memory_reset, memory_write
-from memcore.backends.torch.routing import mrbp_accumulate
+from memcore.backends.torch.mrbp_model import mrbp
 from memcore.backends.torch.stash import check_where
-from memcore.backends.torch.steps import sab_step, stack_memories
+from memcore.backends.torch.steps import (
+    loss_weight,
+    memformer_step,
+    sab_step,
+    stack_memories,
+    step_loss,
+)
 from memcore.backends.torch.validate import check_memformer
 from memcore.config import MemoryConfig, SABConfig
 from memcore.errors import MemcoreError
@@ -193,21 +199,21 @@ def train_mrbp(
         memory_arg="M0",
     )
     check_where(stash, "stash")
-    total, d0, M_T, _ = mrbp_accumulate(
-        P,
-        xs,
-        M0,
-        targets,
-        config=cfg,
-        loss=loss,
-        resets=resets,
-        token_mask=token_mask,
-        truncate_every=truncate_every,
-        stash=stash,
-    )
-    if M0.requires_grad:
-        torch.autograd.backward([M0], [d0])
-    return MRBPResult(total, M_T.detach())
+
+    def step(M: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        M_next, y = memformer_step(
+            P,
+            xs[t],
+            M,
+            config=cfg,
+            reset=None if resets is None else resets[t],
+            token_mask=None if token_mask is None else token_mask[t],
+        )
+        return loss_weight(loss.weights, t) * step_loss(y, targets[t], loss.kind, P), M_next
+
+    # The segments are the step indices; M0's graph (if any) gets dM_0 inside mrbp.
+    out = mrbp(step, M0, list(range(xs.shape[0])), stash=stash, truncate_every=truncate_every)
+    return MRBPResult(float(out.loss), out.memory)
 
 
 class SABState(NamedTuple):
