@@ -101,7 +101,8 @@ class MemformerLM(nn.Module):
         dtype, device: of the parameters (default: torch's defaults).
 
     Attributes:
-        recompute: the default of :meth:`forward`'s per-block recompute (False).
+        recompute: the default of :meth:`forward`'s per-block recompute: False, True or
+            "replay" (see :meth:`segment_loss`).
     """
 
     HEAD_CHUNKS = 4
@@ -133,18 +134,19 @@ class MemformerLM(nn.Module):
         return self.writer.init_memory(batch)
 
     def encode(
-        self, tokens: torch.Tensor, memory: torch.Tensor, recompute: bool = False
+        self, tokens: torch.Tensor, memory: torch.Tensor, recompute: bool | str = False
     ) -> torch.Tensor:
         """tokens: (B, L) ids, memory: (B, K, D) -> last layer's output (B, L, D).
 
         ``recompute``: keep only each layer's input for backward and recompute the layer
-        in it (``torch.utils.checkpoint``), so one layer's graph is alive at a time.
+        in it (``torch.utils.checkpoint``), so one layer's graph is alive at a time; True
+        whenever grad is on, "replay" only inside MRBP's replayed segment.
         """
         validate = not self._validated
         x = self.emb(tokens)
         for layer in self.layers:
             if recompute and not validate and torch.is_grad_enabled():
-                x = _recomputed(layer, x, memory, False)
+                x = _recomputed(recompute, layer, x, memory, False)
             else:
                 x = layer(x, memory, validate)
         self._validated = True
@@ -165,26 +167,27 @@ class MemformerLM(nn.Module):
         """The memory update alone (no head, no loss): what MRBP's no-grad forward needs."""
         return self.write(memory, self.encode(tokens, memory))
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, L, C) from the last layer's output x (B, L, D)."""
         logits = self.head(self.ln_out(x))
         # The loss runs in float32 under bf16/fp16 and in the parameters' dtype otherwise
         # (float64 stays float64, so gradient checks can reach 1e-10).
         return logits.float() if logits.dtype in _HALVES else logits
 
     def _head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self._logits(x)
+        logits = self.logits(x)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
     def _head_loss_sum(
         self, x: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None
     ) -> torch.Tensor:
         if weights is None:
-            return F.cross_entropy(self._logits(x), targets, reduction="sum")
-        ce = F.cross_entropy(self._logits(x), targets, reduction="none")
+            return F.cross_entropy(self.logits(x), targets, reduction="sum")
+        ce = F.cross_entropy(self.logits(x), targets, reduction="none")
         return (ce * weights).sum()
 
     def _head_loss_chunked(
-        self, x: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None
+        self, mode: bool | str, x: torch.Tensor, targets: torch.Tensor, weights: Any = None
     ) -> torch.Tensor:
         """The loss over ``HEAD_CHUNKS`` recomputed token chunks: the (tokens, vocab)
         logits, their softmax and gradient exist for one chunk at a time. Mean
@@ -193,10 +196,11 @@ class MemformerLM(nn.Module):
         size = -(-n // self.HEAD_CHUNKS)
         xs, ts = x.reshape(n, -1).split(size), targets.reshape(n).split(size)
         if weights is None:
-            return sum(_recomputed(self._head_loss_sum, xc, tc) for xc, tc in zip(xs, ts)) / n
+            chunks = zip(xs, ts)
+            return sum(_recomputed(mode, self._head_loss_sum, xc, tc) for xc, tc in chunks) / n
         ws = weights.reshape(n).split(size)
         return sum(
-            _recomputed(self._head_loss_sum, xc, tc, wc) for xc, tc, wc in zip(xs, ts, ws)
+            _recomputed(mode, self._head_loss_sum, xc, tc, wc) for xc, tc, wc in zip(xs, ts, ws)
         )
 
     def segment_loss(
@@ -204,7 +208,7 @@ class MemformerLM(nn.Module):
         tokens: torch.Tensor,
         targets: torch.Tensor,
         memory: torch.Tensor,
-        recompute: bool = False,
+        recompute: bool | str = False,
         *,
         weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,13 +221,22 @@ class MemformerLM(nn.Module):
         ``recompute``: per-block recomputation inside the segment (each layer, the head
         with the loss in token chunks, and the write), for MRBP's replayed step: its
         backward then holds one block's graph at a time instead of the whole segment's.
+        True recomputes whenever grad is on; "replay" marks the blocks with
+        :func:`memcore.backends.torch.mrbp_model.recompute`, so they are recomputed only
+        inside MRBP's replayed segment and run plainly elsewhere (BPTT, evaluation).
+        Gradients are the same in every mode.
         """
+        if recompute not in (False, True, "replay"):
+            raise MemcoreError(
+                "`recompute` must be False, True or 'replay'. "
+                f"Received: recompute={recompute!r}"
+            )
         x = self.encode(tokens, memory, recompute)
         if weights is not None:
             weights = torch.broadcast_to(weights, targets.shape).to(x.dtype)
         if recompute and torch.is_grad_enabled():
-            loss = self._head_loss_chunked(x, targets, weights)
-            return loss, _recomputed(self.write, memory, x)
+            loss = self._head_loss_chunked(recompute, x, targets, weights)
+            return loss, _recomputed(recompute, self.write, memory, x)
         if weights is None:
             loss = self._head_loss(x, targets)
         else:
@@ -232,7 +245,7 @@ class MemformerLM(nn.Module):
         return loss, self.write(memory, x)
 
     def forward(
-        self, memory: torch.Tensor, segment: Any, recompute: bool | None = None
+        self, memory: torch.Tensor, segment: Any, recompute: bool | str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One MRBP step: ``(loss, next_memory)`` from memory (B, K, D) and a segment.
 
@@ -289,7 +302,11 @@ def _check_shapes(tokens: Any, targets: Any, memory: Any, c: MemformerConfig) ->
         )
 
 
-def _recomputed(fn, *args):
+def _recomputed(mode: bool | str, fn, *args):
+    if mode == "replay":  # checkpointed inside MRBP's replayed segment only
+        from memcore.backends.torch.mrbp_model import recompute
+
+        return recompute(fn, *args)
     # No dropout or other randomness in the model, so no RNG state to save (which would
     # also be illegal inside a CUDA graph capture).
     return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)

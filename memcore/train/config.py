@@ -3,8 +3,8 @@
 A config file has five sections; every key is checked (an unknown one is an error that
 lists the allowed keys) and every value is validated before anything is trained::
 
-    [task]     name = "copy" | "adding" | "recall", and the task's own keys
-    [model]    kind = "sab" | "memformer", and the model's own keys
+    [task]     name = "copy" | "adding" | "recall" | "lm_recall", and the task's own keys
+    [model]    kind = "sab" | "memformer" | "memformer_lm", and the model's own keys
     [routing]  method = "bptt" | "tbptt" | "sab_bptt" | "sparse_replay" | "mrbp"
     [optim]    Adam and gradient clipping
     [run]      steps, batch size, seed, dtype, logging, checkpoints, evaluation
@@ -23,6 +23,7 @@ import attrs
 
 from memcore.errors import MemcoreError
 from memcore.train._validators import bool_, int_min, lengths, one_of, path_, real, to_tuple
+from memcore.train.lm_config import LMRecallTask, MemformerLMModel
 
 __all__ = [
     "ROUTINGS",
@@ -43,6 +44,7 @@ __all__ = [
 ROUTINGS = {
     "sab": ("bptt", "sab_bptt", "sparse_replay", "tbptt"),
     "memformer": ("bptt", "mrbp"),
+    "memformer_lm": ("bptt", "mrbp"),
 }
 
 
@@ -240,9 +242,14 @@ class RunConfig:
     out: str = attrs.field(default="runs/train", validator=path_)
 
 
-_TASKS = {"copy": CopyTask, "adding": AddingTask, "recall": RecallTask}
-_MODELS = {"sab": SabModel, "memformer": MemformerModel}
-_TASK_MODEL = {"copy": "sab", "adding": "sab", "recall": "memformer"}
+_TASKS = {"copy": CopyTask, "adding": AddingTask, "recall": RecallTask, "lm_recall": LMRecallTask}
+_MODELS = {"sab": SabModel, "memformer": MemformerModel, "memformer_lm": MemformerLMModel}
+_TASK_MODEL = {
+    "copy": "sab",
+    "adding": "sab",
+    "recall": "memformer",
+    "lm_recall": "memformer_lm",
+}
 _SECTIONS = ("task", "model", "routing", "optim", "run")
 
 
@@ -250,8 +257,8 @@ _SECTIONS = ("task", "model", "routing", "optim", "run")
 class TrainConfig:
     """A whole training run; the cross-section rules are checked on construction."""
 
-    task: CopyTask | AddingTask | RecallTask
-    model: SabModel | MemformerModel
+    task: CopyTask | AddingTask | RecallTask | LMRecallTask
+    model: SabModel | MemformerModel | MemformerLMModel
     routing: RoutingConfig
     optim: OptimConfig
     run: RunConfig
@@ -280,7 +287,7 @@ class TrainConfig:
                 f"`routing.k_trunc` must be unset for method {method!r} (it truncates nothing "
                 f"there). Received: k_trunc={self.routing.k_trunc}"
             )
-        if self.routing.truncate_every and self.model.kind != "memformer":
+        if self.routing.truncate_every and self.model.kind not in ("memformer", "memformer_lm"):
             raise MemcoreError(
                 "`routing.truncate_every` must be unset for model 'sab' (it is Memformer's). "
                 f"Received: truncate_every={self.routing.truncate_every}"

@@ -75,6 +75,10 @@ def init_params(config: TrainConfig, rng: np.random.Generator) -> dict[str, np.n
     Memformer: projections U(+-1/sqrt(D)), v_bias N(0, 1), head U(+-1/sqrt(D)).
     """
     model = config.model
+    if model.kind == "memformer_lm":  # the library's Memformer LM: memcore/train/lm_task.py
+        from memcore.train.lm_task import init_lm_params
+
+        return init_lm_params(config, rng)
 
     def u(shape: tuple[int, ...], fan_in: int) -> np.ndarray:
         return rng.uniform(-1.0, 1.0, shape) / np.sqrt(fan_in)
@@ -143,6 +147,10 @@ def routed_gradient(
     M_0 = memory_init(v_bias); the driver's dM_0 is pulled back through
     memory_init (the backend's VJP) and added to dv_bias, so v_bias gets its whole gradient.
     """
+    if config.model.kind == "memformer_lm":
+        from memcore.train.lm_task import routed_gradient_lm
+
+        return routed_gradient_lm(backend, config, params, xs, targets, weights)
     loss = Loss(loss_kind(config), weights)
     method, core = config.routing.method, core_config(config)
     if isinstance(config.model, MemformerModel):
@@ -176,6 +184,10 @@ def forward_outputs(
 ) -> np.ndarray:
     """The model's outputs on the scored steps, as NumPy: logits (n, B, C) / (n, B, L, C)
     for the classification tasks, y (n, B, O) for adding (n = steps in ``scored``)."""
+    if config.model.kind == "memformer_lm":
+        from memcore.train.lm_task import forward_outputs_lm
+
+        return forward_outputs_lm(backend, config, params, xs, scored)
     steps = int(xs.shape[0])
     wanted = range(steps)[scored]
     outs = []

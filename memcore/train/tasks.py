@@ -88,6 +88,8 @@ def baseline(task: Any) -> dict[str, float]:
         return {"accuracy": 1.0 / task.n_symbols, "ce": float(np.log(task.n_symbols))}
     if isinstance(task, RecallTask):
         return {"accuracy": 1.0 / task.vocab, "ce": float(np.log(task.vocab))}
+    if task.name == "lm_recall":
+        return {"accuracy": 1.0 / task.values, "ce": float(np.log(task.values))}
     return {"mse": task.target_scale**2 / 6.0}
 
 
@@ -191,4 +193,8 @@ def make_batch(
         return copy_batch(task, rng, batch, T)
     if isinstance(task, AddingTask):
         return adding_batch(task, rng, batch, T)
+    if task.name == "lm_recall":  # the Memformer LM's task: memcore/train/lm_task.py
+        from memcore.train.lm_task import lm_recall_batch
+
+        return lm_recall_batch(task, rng, batch)
     return recall_batch(task, rng, batch, dim)
