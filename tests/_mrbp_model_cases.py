@@ -132,3 +132,42 @@ def assert_close(got: dict, want: dict, tol: float = 1e-10) -> None:
     for k in want:
         err = float((got[k] - want[k]).abs().max())
         assert err <= tol * (1.0 + float(want[k].abs().max())), f"{k}: max abs error {err:.3e}"
+
+
+def ddp_worker(rank: int, world: int, init_file: str, out_path: str) -> None:
+    """One gloo rank: two MRBP rollouts of a DDP-wrapped Stacked on its half of a batch of 4.
+
+    Rank 0 saves its .grad and, per rollout, the bucket indices its comm hook saw.
+    """
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    from memcore.backends.torch.mrbp_model import mrbp
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = Stacked()
+        ddp = DistributedDataParallel(model)
+        calls: list[int] = []
+
+        def hook(state, bucket):
+            state.append(bucket.index())
+            return default_hooks.allreduce_hook(None, bucket)
+
+        ddp.register_comm_hook(calls, hook)
+        segs = data(10, batch=2 * world)
+        rows = slice(2 * rank, 2 * rank + 2)
+        local = {k: v[:, rows] for k, v in segs.items()}
+        per_rollout = []
+        for _ in range(2):
+            before = len(calls)
+            mrbp(ddp, model.init_memory(2), local)  # the DDP step is detected as ddp
+            per_rollout.append(calls[before:])
+        if rank == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            torch.save({"grads": grads, "calls": per_rollout}, out_path)
+    finally:
+        dist.destroy_process_group()

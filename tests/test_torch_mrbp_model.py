@@ -19,7 +19,8 @@ from memcore.errors import MemcoreError
 
 def _reference(model, segs, graph_m0=True, **kw):
     m0 = model.init_memory(B)
-    total, final = bptt(model, m0 if graph_m0 else {k: v.detach() for k, v in m0.items()}, segs, **kw)
+    m0 = m0 if graph_m0 else {k: v.detach() for k, v in m0.items()}
+    total, final = bptt(model, m0, segs, **kw)
     return total, final, grads(model)
 
 
@@ -216,3 +217,24 @@ def test_bad_steps_and_inputs_name_the_culprit():
         mrbp(model, m0, iter(_listed(segs)))
     with pytest.raises(MemcoreError, match="`step` must be callable"):
         mrbp(3, m0, segs)
+
+
+def test_ddp_all_reduces_once_per_rollout(tmp_path):
+    """Under DDP (gloo, 2 CPU processes) each rollout all-reduces every bucket once, in
+    segment 0's backward, and leaves the single-process full-batch gradient."""
+    import torch.multiprocessing as mp
+    from _mrbp_model_cases import ddp_worker
+
+    if not torch.distributed.is_available():
+        pytest.skip("needs torch.distributed (gloo)")
+    out = tmp_path / "rank0.pt"
+    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    for calls in got["calls"]:
+        assert calls and sorted(calls) == sorted(set(calls)), got["calls"]  # each bucket once
+    torch.manual_seed(0)
+    model = Stacked()
+    segs = data(10, batch=4)
+    for _ in range(2):  # two rollouts accumulate
+        bptt(model, model.init_memory(4), segs)
+    assert_close(got["grads"], grads(model))

@@ -208,7 +208,8 @@ class GraphedSegment:
         return pytree.tree_unflatten(leaves, spec)
 
     def _step(self) -> Any:
-        return self.step(self._tree(self.memory, self.m_spec), self._tree(self.segment, self.s_spec))
+        memory = self._tree(self.memory, self.m_spec)
+        return self.step(memory, self._tree(self.segment, self.s_spec))
 
     def _check_outputs(self, outs: list[torch.Tensor], name: str) -> None:
         if len(outs) != len(self.memory):

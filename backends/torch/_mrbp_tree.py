@@ -34,7 +34,7 @@ def differentiable(x: torch.Tensor) -> bool:
 
 
 def flatten_memory(memory: Any, name: str) -> tuple[list[torch.Tensor], Any]:
-    """(leaves, treespec) of a memory; MemcoreError naming ``name`` unless all leaves are tensors."""
+    """(leaves, treespec) of a memory; MemcoreError naming ``name`` unless leaves are tensors."""
     leaves, spec = pytree.tree_flatten(memory)
     if not leaves:
         raise MemcoreError(
@@ -100,7 +100,8 @@ class Segments:
 def check_loss(loss: Any, t: int) -> torch.Tensor:
     """The loss a step returned, or MemcoreError unless it is a 0-d tensor."""
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        tensor = isinstance(loss, torch.Tensor)
+        got = f"shape {tuple(loss.shape)}" if tensor else type(loss).__name__
         raise MemcoreError(
             "`step` must return (loss, next_memory) with loss a 0-d tensor. "
             f"Received at segment {t}: loss of {got}"
