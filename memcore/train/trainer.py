@@ -32,6 +32,7 @@ from memcore.errors import MemcoreError
 from memcore.registry import get_backend
 from memcore.train.checkpoint import (
     Checkpoint,
+    _check_same_run,  # noqa: F401 - fast_jax.py reaches it as trainer._check_same_run
     check_out_folder,
     check_resume,
     load_checkpoint,
@@ -147,15 +148,14 @@ def _threads(backend: Any, threads: int) -> Iterator[None]:
 class _Progress:
     """A one-line progress bar on a terminal, else one line every ``log_every`` steps."""
 
-    def __init__(self, total: int, stream: TextIO | None, start: int) -> None:
+    def __init__(self, total: int, stream: TextIO | None) -> None:
         self.total, self.stream, self.t0 = total, stream, time.perf_counter()
-        self.start = start
         self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
 
-    def show(self, step: int, loss: float, metric: str, force: bool) -> None:
+    def show(self, step: int, start: int, loss: float, metric: str, force: bool) -> None:
         if self.stream is None or not (self.tty or force):
             return
-        rate = (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+        rate = (step - start) / max(time.perf_counter() - self.t0, 1e-9)
         filled = int(30 * step / self.total)
         line = (
             f"step {step}/{self.total} |{'#' * filled}{'.' * (30 - filled)}| "
@@ -235,6 +235,10 @@ def train(
         TrainingInterrupted: an interrupt; the last finished step is checkpointed first.
     """
     setup = _prepare(config, backend, device, out, resume, switch_backend)
+    if setup.backend.name == "jax" and config.model.kind == "sab":  # one compiled step
+        from memcore.train.fast_jax import train_fast
+
+        return train_fast(setup, config, stop_after=stop_after, progress=progress)
     run, ckpt = config.run, setup.ckpt
     # (done, params, opt) of the last finished step, rebound in one assignment so an
     # interrupt anywhere sees a consistent triple; `saved` is the step on disk.
@@ -245,14 +249,14 @@ def train(
         with _threads(setup.backend, run.threads):
             last, history = _start(setup, config)
             end = run.steps if stop_after is None else min(run.steps, start + stop_after)
-            bar = _Progress(run.steps, progress, start)
+            bar = _Progress(run.steps, progress)
             for step in range(start, end):
-                last = _step(setup, config, step, last, history, bar)
+                last = _step(setup, config, step, last, history, bar, start)
                 done = last[0]
                 if (run.checkpoint_every and done % run.checkpoint_every == 0) or done == end:
                     history["train_time_s"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
-                    _save(setup, config, last, history)
+                    _save(setup, config, last[1], last[2], done, history)
                     saved = done
             bar.close()
             history["train_time_s"] += time.perf_counter() - t0
@@ -261,7 +265,7 @@ def train(
         if last is not None and saved != last[0] and last[0] > 0:
             _trim_history(history, last[0])
             history["train_time_s"] += time.perf_counter() - t0
-            _save(setup, config, last, history)
+            _save(setup, config, last[1], last[2], last[0], history)
             saved = last[0]
         raise TrainingInterrupted(saved or 0, setup.out, saved is not None) from None
 
@@ -289,6 +293,7 @@ def _step(
     last: tuple[int, dict[str, Any], AdamState],
     history: dict[str, Any],
     bar: _Progress,
+    start: int,
 ) -> tuple[int, dict[str, Any], AdamState]:
     """One optimizer step from ``last``; appends to ``history``, returns the new triple."""
     run, be = config.run, setup.backend
@@ -318,9 +323,9 @@ def _step(
     history["grad_norm"].append(norm)
     history["peak_cache_bytes"] = max(history["peak_cache_bytes"], int(res.peak_cache_bytes))
     if logged:
-        bar.show(done, res.loss, _metric_text(history["train"][-1]), force=True)
+        bar.show(done, start, res.loss, _metric_text(history["train"][-1]), force=True)
     else:
-        bar.show(done, res.loss, "", force=False)
+        bar.show(done, start, res.loss, "", force=False)
     if run.eval_every and done % run.eval_every == 0 and done != run.steps:
         metrics = evaluate(be, setup.device, setup.dtype, config, params)
         history["eval"].append({"step": done, **metrics})
@@ -338,10 +343,11 @@ def _trim_history(history: dict[str, Any], done: int) -> None:
 def _save(
     setup: _Setup,
     config: TrainConfig,
-    last: tuple[int, dict[str, Any], AdamState],
+    params: dict[str, Any],
+    opt: AdamState,
+    done: int,
     history: dict[str, Any],
 ) -> None:
-    done, params, opt = last
     np_ = setup.backend.to_numpy
     save_checkpoint(
         setup.out / CHECKPOINT,
@@ -365,6 +371,7 @@ def _results(
     history: dict[str, Any],
     done: int,
     finished: bool,
+    evaluate: Any = evaluate,  # the compiled paths pass their own (same signature)
 ) -> dict[str, Any]:
     final = evaluate(setup.backend, setup.device, setup.dtype, config, params)
     transfer = {}
