@@ -342,3 +342,31 @@ def test_memcore_train_smoke_config_learns_with_mrbp(tmp_path, capsys):
     losses = results["history"]["loss"]
     assert np.mean(losses[-20:]) < 0.8 * np.mean(losses[:20]), losses
     assert results["final_eval"]["accuracy"] > 0.5, results["final_eval"]
+
+
+@pytest.mark.parametrize("mode", [True, "replay"])
+def test_model_is_an_mrbp_step_with_recompute(mode):
+    """mrbp(model, ...) with per-block recompute gives BPTT's loss and every gradient."""
+    from memcore.backends.torch.mrbp_model import mrbp
+
+    torch.manual_seed(4)
+    model = MemformerLM(SMALL, dtype=torch.float64)
+    tokens, targets = _ids((3, 2, 5), SMALL.vocab, 5)
+    total, _ = _rollout(model, tokens, targets)
+    total.backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    model.recompute = mode
+    segments = [(tokens[t], targets[t]) for t in range(3)]
+    out = mrbp(model, model.init_memory(2), segments, advance=lambda m, s: model.advance(s[0], m))
+    assert float(out.loss) == pytest.approx(total.item(), rel=1e-12)
+    for p, g in zip(model.parameters(), ref):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-13)
+
+
+def test_bad_recompute_mode_raises():
+    """recompute takes False, True or 'replay' only."""
+    model = MemformerLM(SMALL)
+    tokens = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(MemcoreError, match="`recompute` must be False, True or 'replay'"):
+        model(model.init_memory(2), (tokens, tokens), recompute="layers")
