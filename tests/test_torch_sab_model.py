@@ -211,3 +211,85 @@ def test_cell_driver_errors():
         sab_model.sab_bptt(cell, params, xs, state0[:2], targets, config=cfg)
     with pytest.raises(MemcoreError, match="`retrieval` must be one of fast, autograd"):
         sab_model.sab_bptt(cell, params, xs, state0, targets, config=cfg, retrieval="dense")
+
+
+# ----------------------------------------------------------------------------- compiled step
+def _train_config(method: str, **run):
+    from memcore.train.config import parse_config
+
+    memory = method not in ("bptt_lstm", "tbptt")
+    data = {
+        "task": {"name": "copy", "T": 5, "n_digits": 2, "n_symbols": 3, "transfer_T": [9]},
+        "model": {"kind": "sab", "hidden": 5, "k_top": 2, "k_att": 2, "memory": memory,
+                  "include_h0_memory": memory, "threshold_grad": method == "bptt"},
+        "routing": {"method": "bptt" if method == "bptt_lstm" else method},
+        "optim": {"lr": 0.02, "clip_norm": 0.5},
+        "run": {"steps": 4, "batch_size": 3, "dtype": "float64", "checkpoint_every": 2,
+                "log_every": 2, "eval_size": 4, "eval_batch": 4, "threads": 1, **run},
+    }  # fmt: skip
+    if method in ("sparse_replay", "sab_bptt", "tbptt"):
+        data["routing"]["k_trunc"] = 3
+    return parse_config(data)
+
+
+@pytest.mark.parametrize("method", ["sparse_replay", "sab_bptt", "bptt", "tbptt", "bptt_lstm"])
+def test_fast_trainer_equals_generic_trainer(tmp_path, method):
+    """memcore train's compiled torch step (run eagerly on the CPU) gives the generic path's
+    losses, gradient norms, metrics and parameters in float64 (clipping active)."""
+    from memcore.train.trainer import train
+
+    config = _train_config(method)
+    fast = train(config, backend="torch", out=str(tmp_path / "fast"), fast=True)
+    slow = train(config, backend="torch", out=str(tmp_path / "slow"), fast=False)
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose(fast["history"][key], slow["history"][key], rtol=1e-10)
+    assert any(n > 0.5 for n in slow["history"]["grad_norm"]), "clipping must be exercised"
+    assert fast["history"]["step"] == slow["history"]["step"] == [1, 2, 3, 4]
+    assert fast["history"]["peak_cache_bytes"] == slow["history"]["peak_cache_bytes"]
+    for a, b in zip(fast["history"]["train"], slow["history"]["train"]):
+        assert a["step"] == b["step"] and abs(a["ce"] - b["ce"]) < 1e-9
+    assert abs(fast["final_eval"]["ce"] - slow["final_eval"]["ce"]) < 1e-9
+    assert abs(fast["transfer"]["9"]["ce"] - slow["transfer"]["9"]["ce"]) < 1e-9
+    with np.load(tmp_path / "fast" / "checkpoint.npz") as a, np.load(
+        tmp_path / "slow" / "checkpoint.npz"
+    ) as b:
+        for key in a.files:
+            if key.startswith(("param/", "adam_")):
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-9, atol=1e-13, err_msg=key)
+
+
+def test_fast_trainer_resumes_exactly(tmp_path):
+    """Stopping the compiled path after 2 steps and resuming gives the uninterrupted run."""
+    from memcore.train.trainer import train
+
+    config = _train_config("sparse_replay")
+    whole = train(config, backend="torch", out=str(tmp_path / "whole"), fast=True)
+    first = train(config, backend="torch", out=str(tmp_path / "split"), fast=True, stop_after=2)
+    assert not first["finished"]
+    rest = train(config, backend="torch", out=str(tmp_path / "split"), fast=True, resume=True)
+    assert rest["history"]["loss"] == whole["history"]["loss"]
+    assert rest["final_eval"] == whole["final_eval"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["sparse_replay", "bptt_lstm"])
+def test_cuda_graph_step_equals_eager_step(method):
+    """The captured CUDA graph step gives the eager step's losses and parameters (float64)."""
+    from memcore.train.fast_torch import TrainStep
+    from memcore.train.model import init_params
+    from memcore.train.optim import adam_init
+    from memcore.train.tasks import STREAM_TRAIN, batch_rng, make_batch
+
+    config = _train_config(method)
+    params = init_params(config, np.random.default_rng(0))
+    runs = {}
+    for graph in (False, True):
+        step = TrainStep(config, params, adam_init(params), dtype="float64", device="cuda", graph=graph)
+        losses = []
+        for i in range(3):
+            batch = make_batch(config.task, batch_rng(0, STREAM_TRAIN, i), 3)
+            losses.append(float(step(batch)[0]))
+        runs[graph] = (losses, step.snapshot()[0])
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-10)
+    for k in params:
+        np.testing.assert_allclose(runs[True][1][k], runs[False][1][k], rtol=1e-9, atol=1e-12)

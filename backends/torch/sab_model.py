@@ -235,6 +235,8 @@ def sab_loss(
     trunc_phase: int = 0,
     readout: Readout = sab_readout,
     retrieval: str = "fast",
+    check: bool = True,
+    weights_dev: torch.Tensor | None = None,
 ) -> SabRun:
     """The SAB forward over the whole sequence, graph kept: L = sum_t weight_t l_t.
 
@@ -252,9 +254,12 @@ def sab_loss(
         config: k_top, k_att, k_trunc, eps and the stop-gradient switches.
         trunc_phase: see :func:`chunk_starts`; readout: ``(params, h, s) -> y`` on (..., Hd).
         retrieval: "fast" (bank with hand-written backward) or "autograd".
+        check: validate the inputs (False in a compiled step: validation reads nothing
+            from the device but costs host time); weights_dev: see :func:`replay_accumulate`.
     """
-    _check(params, xs, state0, targets, config, loss)
-    call = _Call(cell, params, xs, targets, config, loss, readout)
+    if check:
+        _check(params, xs, state0, targets, config, loss)
+    call = _Call(cell, params, xs, targets, config, loss, readout, weights_dev)
     return _whole(call, state0, retrieval_for(config, retrieval), truncate, trunc_phase)
 
 

@@ -210,6 +210,7 @@ def train(
     stop_after: int | None = None,
     progress: TextIO | None = None,
     switch_backend: bool = False,
+    fast: bool | None = None,
 ) -> dict[str, Any]:
     """Train ``config``; write checkpoints, ``results.json`` and ``curves.png`` in the out folder.
 
@@ -226,6 +227,8 @@ def train(
         progress: where the progress bar goes (None = silent).
         switch_backend: with ``resume``, allow a backend other than the checkpoint's
             (recorded in ``results.json``'s ``backends``).
+        fast: torch SAB runs only: the compiled step (:mod:`memcore.train.fast_torch`);
+            None = on CUDA devices, False = never, True = also on the CPU.
 
     Returns:
         The results dict (also written as JSON); "finished" says whether run.steps was reached.
@@ -239,6 +242,10 @@ def train(
         from memcore.train.fast_jax import train_fast
 
         return train_fast(setup, config, stop_after=stop_after, progress=progress)
+    from memcore.train import fast_torch  # noqa: PLC0415 - imports no framework itself
+
+    if fast_torch.wanted(config, setup.backend.name, device, fast):  # one captured step
+        return fast_torch.train_fast(setup, config, stop_after=stop_after, progress=progress)
     run, ckpt = config.run, setup.ckpt
     # (done, params, opt) of the last finished step, rebound in one assignment so an
     # interrupt anywhere sees a consistent triple; `saved` is the step on disk.
