@@ -1,90 +1,47 @@
-"""SAB routing in JAX: full BPTT, sab_bptt (chunk-truncated) and sparse replay.
+"""SAB routing in JAX for the backend contract: full BPTT, sab_bptt and sparse replay.
 
-The forward is ``sab_step`` for t = 1..T (a python loop inside ``jit``: the memories grow).
-``sab_bptt`` puts ``lax.stop_gradient`` on (h, c) entering every step t > 1 with
-(t - 1) % k_trunc == 0, and nowhere else (memory edges are never cut); the sparsify
-threshold and the scorer inputs carry the step's own stop-gradients. Sparse replay keeps
-(h, c) entering each chunk and the memory vectors, replays chunks last to first with
-``jax.vjp`` and skips chunks that receive no gradient.
+Thin wrappers over :mod:`memcore.backends.jax.sab_model` with memcore's LSTM cell
+(:data:`LSTM_NET`): validation, the loss weights, and a :class:`RoutingResult` with the
+bytes held. The computation is the compiled one (``lax.scan`` over time, over chunks for
+the replay; one program per shape).
+
+``peak_cache_bytes``: BPTT and sab_bptt count the residuals of ``jax.vjp`` of the whole
+scan. Sparse replay counts what it stores (the bank with its keys, the state entering
+every chunk) plus the residuals of one chunk's ``jax.vjp``, measured by tracing that vjp
+(``jax.eval_shape``: nothing is computed), because the replay's own live in XLA.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
-from memcore.backends.jax._driver import held_bytes, tree_add, vjp_driver, weights_array
-from memcore.backends.jax.steps import sab_step, step_loss
+from memcore.backends.jax._driver import vjp_driver, weights_array
+from memcore.backends.jax.sab_bank import bank_init, bank_slots, retrieval
+from memcore.backends.jax.sab_model import (
+    LSTM_NET,
+    _run_chunk,
+    chunk_layout,
+    replay_core,
+    rollout_loss,
+    trunc_phase,
+)
 from memcore.routing_validation import check_sab
 
 from memcore.routing_types import Loss, RoutingResult
 
-__all__ = ["sab_bptt", "sab_full_bptt", "sab_sparse_replay"]
+__all__ = ["peak_bytes", "sab_bptt", "sab_full_bptt", "sab_sparse_replay"]
 
 
-def _sab_run(params, h, c, prev, xs, targets, weights, *, t_start, config, kind, truncate):
-    """Steps t_start.. (1-based) from (h, c) with memories ``prev`` (tuple of (B, Hd)).
-
-    Returns (weighted loss, memories written here (tuple), h, c).
-    """
-    mems, new = list(prev), []
-    total = jnp.zeros((), dtype=weights.dtype)
-    for i in range(xs.shape[0]):
-        t = t_start + i
-        if truncate and t > 1 and (t - 1) % config.k_trunc == 0:
-            # Chunked truncated BPTT: only (h, c) are cut; memory edges stay.
-            h, c = lax.stop_gradient(h), lax.stop_gradient(c)
-        pool = mems + new
-        memories = (
-            jnp.stack(pool, axis=1) if pool else jnp.zeros((h.shape[0], 0, h.shape[1]), h.dtype)
-        )
-        h, c, y = sab_step(params, xs[i], h, c, memories, config=config)
-        total = total + weights[i] * step_loss(params, y, targets[i], kind)
-        if t % config.k_att == 0:
-            new.append(h)  # not detached: gradient reaching it flows back through its chunk
-    return total, tuple(new), h, c
-
-
-@functools.partial(jax.jit, static_argnames=("config", "kind", "truncate"))
-def _sab_graph(params, state0, xs, targets, weights, *, config, kind, truncate):
-    h0, c0 = state0
-    prev = (h0,) if config.include_h0_memory else ()
-    value, _, h, c = _sab_run(
-        params,
-        h0,
-        c0,
-        prev,
-        xs,
-        targets,
-        weights,
-        t_start=1,
-        config=config,
-        kind=kind,
-        truncate=truncate,
+def _graph(params, state0, xs, targets, weights, *, config, kind, truncate):
+    return rollout_loss(
+        LSTM_NET, params, state0, xs, targets, weights, config=config, loss=kind, truncate=truncate
     )
-    return value, (h, c)
 
 
-@functools.partial(jax.jit, static_argnames=("t_start", "config", "kind"))
-def _sab_chunk(params, h, c, prev, xs, targets, weights, *, t_start, config, kind):
-    value, new, h, c = _sab_run(
-        params,
-        h,
-        c,
-        prev,
-        xs,
-        targets,
-        weights,
-        t_start=t_start,
-        config=config,
-        kind=kind,
-        truncate=True,
-    )
-    return (value, new), (h, c)
+_sab_graph = jax.jit(_graph, static_argnames=("config", "kind", "truncate"))
 
 
 def _sab_whole(params, xs, state0, targets, *, config, loss, truncate):
@@ -102,7 +59,7 @@ def _sab_whole(params, xs, state0, targets, *, config, loss, truncate):
 
 
 def sab_bptt(params, xs, state0, targets, *, config, loss=Loss()) -> RoutingResult:
-    """SAB with chunked truncation, keeping the whole masked graph (one jax.vjp).
+    """SAB with chunked truncation, keeping the whole masked graph (one ``jax.vjp``).
 
     Args:
         params: SAB_PARAMS (+ head_w for xent); xs: (T, B, I); state0: (h0, c0), each (B, Hd);
@@ -111,93 +68,98 @@ def sab_bptt(params, xs, state0, targets, *, config, loss=Loss()) -> RoutingResu
     return _sab_whole(params, xs, state0, targets, config=config, loss=loss, truncate=True)
 
 
-def sab_sparse_replay(params, xs, state0, targets, *, config, loss=Loss()) -> RoutingResult:
-    """SAB sparse replay: same gradients as :func:`sab_bptt`, chunk by chunk in reverse.
-
-    Keeps (h, c) entering each chunk and the memory vectors; replays chunk j with
-    cotangents (1 for its loss, the accumulated gradient of the memories it wrote) and
-    adds the gradient it sends to earlier memories. Skips a chunk with no non-zero loss
-    weight and no non-zero gradient on its memories. ``replayed_chunks``: 0-based chunk
-    indices in replay order (last chunk first).
-    """
-    check_sab(params, xs, state0, targets, config, loss)
-    params = dict(params)
-    n, k = xs.shape[0], config.k_trunc
-    weights = weights_array(loss, n, xs.dtype)
-    host_w = [float(w) for w in (loss.weights or (1.0,) * n)]
-    h0, c0 = state0
-    mems = [h0] if config.include_h0_memory else []
-    owner = [-1] * len(mems)  # the chunk that wrote each memory (-1: h0)
-    boundary, values = [], []
-    h, c = h0, c0
-    n_chunks = math.ceil(n / k)
-    for j in range(n_chunks):
-        lo, hi = j * k, min(n, (j + 1) * k)
-        boundary.append((h, c, sum(o < j for o in owner)))
-        (value, new), (h, c) = _sab_chunk(
-            params,
-            h,
-            c,
-            tuple(mems),
-            xs[lo:hi],
-            targets[lo:hi],
-            weights[lo:hi],
-            t_start=lo + 1,
-            config=config,
-            kind=loss.kind,
-        )
-        values.append(value)
-        mems.extend(new)
-        owner.extend([j] * len(new))
-    stored = held_bytes([b[:2] for b in boundary] + mems, exclude=(h0, c0)) + int(
-        h0.nbytes + c0.nbytes
-    )
-    grads = jax.tree_util.tree_map(jnp.zeros_like, params)
-    d_mem: list[Any] = [None] * len(mems)
-    dh0, dc0 = jnp.zeros_like(h0), jnp.zeros_like(c0)
-    replayed, peak = [], stored
-    for j in range(n_chunks - 1, -1, -1):
-        lo, hi = j * k, min(n, (j + 1) * k)
-        mine = [i for i, o in enumerate(owner) if o == j]
-        has_loss = any(w != 0.0 for w in host_w[lo:hi])
-        has_grad = any(d_mem[i] is not None and bool(jnp.any(d_mem[i] != 0)) for i in mine)
-        if not (has_loss or has_grad):
-            continue
-        replayed.append(j)
-        h_in, c_in, n_prev = boundary[j]
-
-        def fn(p, hh, cc, prev, lo=lo, hi=hi):
-            return _sab_chunk(
-                p,
-                hh,
-                cc,
-                prev,
-                xs[lo:hi],
-                targets[lo:hi],
-                weights[lo:hi],
-                t_start=lo + 1,
-                config=config,
-                kind=loss.kind,
-            )[0]
-
-        (value, new), pull = jax.vjp(fn, params, h_in, c_in, tuple(mems[:n_prev]))
-        held = held_bytes(
-            jax.tree_util.tree_leaves(pull), exclude=(params, xs, targets, mems, boundary)
-        )
-        peak = max(peak, stored + held)
-        ct_new = tuple(d_mem[i] if d_mem[i] is not None else jnp.zeros_like(mems[i]) for i in mine)
-        dp, dh, dc, d_prev = pull((jnp.ones_like(value), ct_new))
-        grads = tree_add(grads, dp)
-        for i, g in enumerate(d_prev):
-            d_mem[i] = g if d_mem[i] is None else d_mem[i] + g
-        if j == 0:  # (h, c) entering chunk j > 0 are cut inside the chunk: dh = dc = 0 there
-            dh0, dc0 = dh, dc
-    if config.include_h0_memory and d_mem[0] is not None:
-        dh0 = dh0 + d_mem[0]
-    total = float(sum(float(v) for v in values))
-    return RoutingResult(total, grads, (dh0, dc0), (h, c), peak, tuple(replayed))
-
-
 def sab_full_bptt(params, xs, state0, targets, *, config, loss=Loss()) -> RoutingResult:
     """Plain BPTT of the SAB forward: the step's own stop-gradients, no chunk truncation."""
     return _sab_whole(params, xs, state0, targets, config=config, loss=loss, truncate=False)
+
+
+def _nbytes(tree) -> int:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)
+
+
+def _spec(tree):
+    """Shapes and dtypes of a pytree of arrays (or of ShapeDtypeStructs): hashable, flat."""
+    spec = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    flat, treedef = jax.tree_util.tree_flatten(spec)
+    return tuple(flat), treedef
+
+
+def _residual_bytes(fn, *args) -> int:
+    """Bytes of the residuals ``jax.vjp(fn, *args)`` keeps, the arguments themselves
+    excluded, found by tracing (``jax.eval_shape``: nothing is computed)."""
+
+    def residuals(*a):
+        _, pull = jax.vjp(fn, *a)
+        mine = {id(v) for v in jax.tree_util.tree_leaves(a)}
+        return [r for r in jax.tree_util.tree_leaves(pull) if id(r) not in mine]
+
+    return _nbytes(jax.eval_shape(residuals, *args))
+
+
+@functools.lru_cache(maxsize=64)
+def _bytes_of(flat, treedef, method, config, kind) -> int:
+    params, xs, state0, targets, weights = jax.tree_util.tree_unflatten(treedef, list(flat))
+    if method != "sparse_replay":
+
+        def whole(p, s, x, tg, w):
+            return rollout_loss(
+                LSTM_NET, p, s, x, tg, w, config=config, loss=kind, truncate=method != "bptt"
+            )[0]
+
+        return _residual_bytes(whole, params, state0, xs, targets, weights)
+    steps = xs.shape[0]
+    _, size, count = chunk_layout(steps, config.k_trunc, trunc_phase(config))
+    rt = retrieval(config)
+    slots = bank_slots(steps, config)
+    h0, c0 = state0
+
+    def head(x):
+        return jax.ShapeDtypeStruct((size,) + tuple(x.shape[1:]), x.dtype)
+
+    bank = jax.eval_shape(lambda p, h: bank_init(rt, p, h, slots, config), params, h0)
+    def steps_of(dtype):
+        return jax.ShapeDtypeStruct((size,), dtype)
+
+    chunk = (head(xs), steps_of(jnp.int32), head(targets), head(weights), steps_of(jnp.bool_))
+
+    def fn(p, h, c, bank, chunk):
+        return _run_chunk(LSTM_NET, rt, config, kind, p, h, c, *bank, chunk)[0]
+
+    held = _residual_bytes(fn, params, h0, c0, bank, chunk)
+    return _nbytes(bank) + count * _nbytes((h0, c0)) + held
+
+
+def peak_bytes(method, params, xs, targets, weights, config, kind) -> int:
+    """The bytes a routing ``method`` ("bptt", "sab_bptt", "tbptt", "sparse_replay") holds
+    for this shape, from h0 = c0 (B, Hd): the whole scan's residuals, or sparse replay's
+    stored bank, keys and chunk-entry states plus one chunk's residuals. Arrays or
+    ShapeDtypeStructs; only shapes and dtypes are read."""
+    h0 = jax.ShapeDtypeStruct((xs.shape[1], params["w1"].shape[0]), xs.dtype)
+    flat, treedef = _spec((dict(params), xs, (h0, h0), targets, weights))
+    return _bytes_of(flat, treedef, method, config, kind)
+
+
+def sab_sparse_replay(params, xs, state0, targets, *, config, loss=Loss()) -> RoutingResult:
+    """SAB sparse replay: same gradients as :func:`sab_bptt`, chunk by chunk in reverse.
+
+    Keeps (h, c) entering each chunk and the memory bank; replays chunk j with cotangents
+    (1 for its loss, the accumulated gradient of the memories it wrote) and adds the
+    gradient it sends to earlier memories. Skips a chunk with no non-zero loss weight and
+    no non-zero gradient on its memories. ``replayed_chunks``: 0-based chunk indices in
+    replay order (last chunk first).
+    """
+    check_sab(params, xs, state0, targets, config, loss)
+    params = dict(params)
+    weights = weights_array(loss, xs.shape[0], xs.dtype)
+    state0 = tuple(state0)
+    r = replay_core(
+        LSTM_NET, params, xs, (state0[0], state0[1]), targets, weights, config=config,
+        loss=loss.kind,
+    )  # fmt: skip
+    flags = [bool(f) for f in jax.device_get(r.replayed)]
+    replayed = tuple(j for j in range(len(flags) - 1, -1, -1) if flags[j])
+    peak = peak_bytes("sparse_replay", params, xs, targets, weights, config, loss.kind)
+    return RoutingResult(
+        float(r.loss), r.grads, tuple(r.d_state0), tuple(r.final_state), peak, replayed
+    )
