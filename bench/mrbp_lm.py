@@ -23,7 +23,7 @@ import torch
 
 from bench.harness import cuda, median_time, peak_memory, rel_error, run_record, write_json
 from bench.lm_model import MemformerLM
-from bench.lm_routing import METHODS, GraphedBPTT, GraphedMRBP
+from bench.lm_routing import METHODS, GraphedBPTT, graphed_mrbp
 
 __all__ = ["build", "main", "make_runner", "random_batch"]
 
@@ -51,10 +51,15 @@ def random_batch(T: int, args: argparse.Namespace, device: torch.device, seed: i
     return tokens.to(device), targets.to(device)
 
 
-OPTIONS = {"host": ("stash", "host"), "layers": ("recompute", True)}
-"""MRBP method suffixes: ``mrbp+host`` offloads the stored memories to pinned host memory
-(:class:`memcore.backends.torch.stash.MemoryStash`); ``mrbp+layers`` recomputes each block
-of the replayed segment in its backward. They combine (``mrbp_graph+host+layers``)."""
+OPTIONS = {
+    "host": ("stash", "host"),
+    "layers": ("recompute", "layers"),
+    "lean": ("recompute", "lean"),
+}
+"""MRBP method suffixes (the library's ``mrbp`` options): ``mrbp+host`` offloads the stored
+memories to pinned host memory (``stash="host"``); ``mrbp+layers`` recomputes each block of
+the replayed segment in its backward; ``mrbp+lean`` every block but the write (see
+``bench.lm_routing.RECOMPUTE``). They combine (``mrbp_graph+host+lean``)."""
 
 
 def parse_method(name: str) -> tuple[str, dict[str, Any]]:
@@ -65,6 +70,8 @@ def parse_method(name: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"unknown method {name!r}: expected one of {sorted(known)}, options "
                          f"+{' +'.join(OPTIONS)} on the mrbp methods only")  # fmt: skip
     bad = [o for o in opts if o not in OPTIONS]
+    if "layers" in opts and "lean" in opts:
+        bad.append("layers with lean")
     if bad:
         raise ValueError(f"unknown option(s) {bad} in {name!r}: expected {sorted(OPTIONS)}")
     return base, dict(OPTIONS[o] for o in opts)
@@ -74,8 +81,7 @@ def make_runner(name: str, model: MemformerLM, tokens, targets, amp, args) -> Ca
     """A no-argument callable running one training iteration of method ``name``."""
     base, opts = parse_method(name)
     if base == "mrbp_graph":
-        graphed = GraphedMRBP(model, args.B, args.L, amp, **opts)
-        return lambda: graphed(tokens, targets)
+        return graphed_mrbp(model, tokens, targets, amp, **opts)
     if base == "bptt_graph":
         graphed_b = GraphedBPTT(model, tokens, targets, amp)
         return lambda: graphed_b(tokens, targets)

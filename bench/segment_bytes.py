@@ -5,11 +5,14 @@
 The bytes autograd saves (distinct storages, counted with
 ``memcore.backends.torch.accounting.SavedBytes``; parameters, the memory M and each
 block's inputs excluded, since they are held anyway) for each block of the Memformer-lite
-LM's segment: the self-attention + memory read + FFN layers, the memory write, and the
-head with the loss; then the whole segment without and with ``recompute`` (MRBP's
-replayed step under ``+layers``). This is the graph part of a method's peak: what BPTT
-stores per segment and what MRBP holds for the one segment it replays. Sizes default to
-the benchmark's (B=16, L=128, D=512, H=8, K=1024, vocab 8192, 4 layers), fp32.
+LM's segment (the library's :class:`memcore.backends.torch.memformer.MemformerLM`): the
+self-attention + memory read + FFN layers, the memory write, and the head with the loss;
+then the whole segment without and with ``recompute`` (MRBP's replayed step under
+``+layers``), and with every block but the write recomputed (``+lean``: the write's saved
+tensors are alive only during its own backward, which runs first). This is the graph part
+of a method's peak: what BPTT stores per segment and what MRBP holds for the one segment
+it replays. Sizes default to the benchmark's (B=16, L=128, D=512, H=8, K=1024, vocab 8192,
+4 layers), fp32.
 """
 
 from __future__ import annotations
@@ -50,6 +53,11 @@ def segment_bytes(model: MemformerLM, tokens, targets, memory) -> dict[str, int]
         with SavedBytes([*params, tokens, targets, memory]) as saved:
             model.segment_loss(tokens, targets, memory, recompute)
         out["segment_recompute" if recompute else "segment"] = saved.total
+    with SavedBytes([*params, tokens, targets, memory]) as saved:
+        x = model.encode(tokens, memory, True)
+        model._head_loss_chunked(True, x, targets)
+        model.write(memory, x)
+    out["segment_lean"] = saved.total
     return out
 
 

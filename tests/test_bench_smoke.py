@@ -66,10 +66,12 @@ def test_lm_mrbp_and_checkpoint_match_bptt_gradients():
 
 
 @pytest.mark.parametrize(
-    "opts", [{"recompute": True}, {"stash": "host"}, {"stash": "host", "recompute": True}]
+    "opts",
+    [{"recompute": "layers"}, {"stash": "host"}, {"stash": "host", "recompute": "lean"}],
 )
 def test_lm_mrbp_options_keep_the_bptt_gradient(opts):
-    """Offloading the memories and recomputing blocks inside a segment change no gradient."""
+    """Offloading the memories and recomputing blocks inside a segment (the library's MRBP
+    on the LM) change no gradient."""
     torch.manual_seed(2)
     model = MemformerLM(vocab=30, dim=32, heads=4, layers=2, slots=5).double()
     tokens, targets = torch.randint(0, 30, (3, 2, 6)), torch.randint(0, 30, (3, 2, 6))
@@ -102,14 +104,18 @@ def test_lm_recompute_saves_less_for_backward():
     [
         ("mrbp", "mrbp", {}),
         ("mrbp+host", "mrbp", {"stash": "host"}),
-        ("mrbp_graph+host+layers", "mrbp_graph", {"stash": "host", "recompute": True}),
+        ("mrbp_graph+host+layers", "mrbp_graph", {"stash": "host", "recompute": "layers"}),
+        ("mrbp_graph+host+lean", "mrbp_graph", {"stash": "host", "recompute": "lean"}),
     ],
 )
 def test_parse_method(name, base, opts):
+    """Method names map to the library MRBP's options."""
     assert mrbp_lm.parse_method(name) == (base, opts)
 
 
-@pytest.mark.parametrize("name", ["mrbp+disk", "bptt+host", "mrbpp", "checkpoint+layers"])
+@pytest.mark.parametrize(
+    "name", ["mrbp+disk", "bptt+host", "mrbpp", "checkpoint+layers", "mrbp+layers+lean"]
+)
 def test_parse_method_rejects_unknown_names(name):
     with pytest.raises(ValueError, match="unknown"):
         mrbp_lm.parse_method(name)
@@ -283,4 +289,6 @@ def test_segment_bytes_blocks_add_up(tmp_path):
     blocks = got["layer0"] + got["layer1"] + got["write"] + got["head_loss"]
     assert 0.8 * blocks <= got["segment"] <= 1.2 * blocks
     assert got["segment_recompute"] * 3 < got["segment"]
+    # lean keeps the write's saved tensors on top of the recomputed segment's block inputs
+    assert got["segment_recompute"] < got["segment_lean"] < got["segment"]
     assert json.loads((tmp_path / "seg.json").read_text())["saved_bytes"] == got
