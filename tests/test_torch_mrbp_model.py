@@ -238,3 +238,47 @@ def test_ddp_all_reduces_once_per_rollout(tmp_path):
     for _ in range(2):  # two rollouts accumulate
         bptt(model, model.init_memory(4), segs)
     assert_close(got["grads"], grads(model))
+
+
+class _EagerGraph:
+    """Stands in for a CUDA graph on the CPU: replay runs the function again and writes its
+    outputs into the tensors the capture returned, as a replayed graph writes its buffers."""
+
+    def __init__(self, fn, out):
+        self.fn, self.out = fn, out
+
+    def replay(self):
+        new = self.fn()
+        if self.out is not None:
+            with torch.no_grad():
+                for o, n in zip(self.out, new):
+                    o.copy_(n)
+
+
+def _stand_in_capture(fn, device, pool):
+    out = fn()
+    return _EagerGraph(fn, out), out
+
+
+@pytest.mark.parametrize(
+    "stash, k, mark", [("device", None, False), ("host", 2, True), ("device", 3, False)]
+)
+def test_graph_rollout_logic_with_stand_in_graphs(monkeypatch, stash, k, mark):
+    """The graphed rollout's bookkeeping (static buffers, .grad added in place, dM between
+    replays, cuts, dM_0 through init_memory) gives BPTT's gradient, graphs run eagerly."""
+    monkeypatch.setattr(_mrbp_graphs, "GRAPH_DEVICE", "cpu")
+    monkeypatch.setattr(_mrbp_graphs, "_capture", _stand_in_capture)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    model, segs = Stacked(mark=mark), data(11)
+    want_loss, want_final, want = _reference(model, segs, truncate_every=k)
+    runner = MRBP(model, advance=model.advance, stash=stash, graph=True, truncate_every=k,
+                  recompute=[model.b] if mark else (), loss_scale=0.5)  # fmt: skip
+    runner.capture(model.init_memory(B), segs)
+    assert all(not p.grad.any() for p in model.parameters())  # capture leaves .grad at zero
+    out = runner(model.init_memory(B), segs)
+    assert abs(float(out.loss) - 0.5 * want_loss) <= 1e-12 * abs(want_loss)
+    assert_close(out.memory, want_final)
+    model.zero_grad(set_to_none=True)  # put back, zeroed, by the next call
+    out = runner(model.init_memory(B), segs)
+    assert_close(grads(model), {n: 0.5 * g for n, g in want.items()})

@@ -33,9 +33,19 @@ from memcore.backends.torch._mrbp_tree import (
 from memcore.backends.torch.stash import MemoryStash
 from memcore.errors import MemcoreError
 
-__all__ = ["GradSlots", "GraphedSegment", "capture_graph", "capture_stream", "signature"]
+__all__ = [
+    "GRAPH_DEVICE",
+    "GradSlots",
+    "GraphedSegment",
+    "capture_graph",
+    "capture_stream",
+    "signature",
+]
 
 _CAPTURE_STREAMS: dict[torch.device, Any] = {}
+
+GRAPH_DEVICE = "cuda"
+"""The device type graphed rollouts run on (the CPU tests swap in stand-in graphs)."""
 
 
 def capture_stream(device: torch.device) -> Any:
@@ -63,6 +73,10 @@ def capture_graph(
     with torch.cuda.graph(graph, pool=pool, stream=stream):
         out = fn()
     return graph, out
+
+
+def _capture(fn: Callable[[], Any], device: torch.device, pool: Any) -> tuple[Any, Any]:
+    return capture_graph(fn, device, pool)  # looked up at call time: tests stand in for it
 
 
 def _meta(leaves: list[Any], where: str) -> tuple[Any, ...]:
@@ -101,7 +115,7 @@ def signature(memory0: Any, segments: Segments) -> tuple[Any, ...]:
             )
     tensors = [x for x in [*m_leaves, *s_leaves] if isinstance(x, torch.Tensor)]
     devices = {x.device for x in tensors}
-    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+    if len(devices) != 1 or next(iter(devices)).type != GRAPH_DEVICE:
         raise MemcoreError(
             "graph=True needs every memory and segment tensor on one CUDA device. "
             f"Received: devices {sorted(map(str, devices))}"
@@ -201,8 +215,8 @@ class GraphedSegment:
                                     device=self.device)  # fmt: skip
         del loss, nxt, outs
         with self.slots.preserved():
-            self.g_adv, self.adv_out = capture_graph(self._advance, self.device, pool)
-            self.g_bwd, _ = capture_graph(self._backward, self.device, pool)
+            self.g_adv, self.adv_out = _capture(self._advance, self.device, pool)
+            self.g_bwd, _ = _capture(self._backward, self.device, pool)
 
     def _tree(self, leaves: list[Any], spec: Any) -> Any:
         return pytree.tree_unflatten(leaves, spec)
