@@ -178,8 +178,7 @@ def _jax():
 
 
 def test_torch_and_jax_give_the_same_loss_and_gradients_in_float64():
-    """From the same parameters, 2 segments (the second weighted): loss, M_2 and every
-    gradient agree to 1e-10."""
+    """Same parameters, 2 segments (one weighted): loss, M_2 and gradients agree (1e-10)."""
     jax, jm = _jax()
     jnp = jax.numpy
     torch.manual_seed(0)
