@@ -7,6 +7,7 @@ set -uo pipefail
 out=${1:-bench/results}
 mkdir -p "$out"
 source scripts/device_shim.sh
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # torch and JAX share the GPU in one process
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '-' | tr 'A-Z' 'a-z')
 log="$out/issue14-torch-$gpu.log"
 {
