@@ -232,16 +232,17 @@ class MemformerLM(nn.Module):
                 f"Received: recompute={recompute!r}"
             )
         x = self.encode(tokens, memory, recompute)
-        if weights is not None:
-            weights = torch.broadcast_to(weights, targets.shape).to(x.dtype)
+        if weights is not None:  # in the loss's dtype (float32 under bf16/fp16)
+            dtype = torch.float32 if x.dtype in _HALVES else x.dtype
+            weights = torch.broadcast_to(weights, targets.shape).to(dtype)
         if recompute and torch.is_grad_enabled():
             loss = self._head_loss_chunked(recompute, x, targets, weights)
             return loss, _recomputed(recompute, self.write, memory, x)
         if weights is None:
             loss = self._head_loss(x, targets)
         else:
-            loss = self._head_loss_sum(x.reshape(-1, x.shape[-1]), targets.reshape(-1),
-                                       weights.reshape(-1))  # fmt: skip
+            flat_x = x.reshape(-1, x.shape[-1])
+            loss = self._head_loss_sum(flat_x, targets.reshape(-1), weights.reshape(-1))
         return loss, self.write(memory, x)
 
     def forward(
