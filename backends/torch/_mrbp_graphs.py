@@ -287,7 +287,6 @@ class GraphedSegment:
                 if t < T - 1:  # the graph's output buffer is overwritten next replay: a copy
                     store.push_tree([o.clone() for o in self.adv_out])
                     self._load(self.memory, self.adv_out)
-            final = [o.clone() for o in self.adv_out]
         for d in self.d_memory:
             if d is not None:
                 d.zero_()
@@ -299,5 +298,9 @@ class GraphedSegment:
                 for d, x in zip(self.d_memory, self.memory):
                     if d is not None:
                         d.zero_() if cut(t) else d.copy_(x.grad)
+        # M_T waited in the advance graph's output buffer, which the backward graph (captured
+        # while that buffer was alive) never writes: copied only now, it costs no peak memory.
+        with torch.no_grad():
+            final = [o.clone() for o in self.adv_out]
         d0 = [x.grad if x.requires_grad else None for x in self.memory]
         return self.loss_acc * loss_scale, final, d0
