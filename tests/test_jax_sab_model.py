@@ -5,6 +5,8 @@ T, the forward against the reference, and training equal to the NumPy trainer.""
 
 from __future__ import annotations
 
+import functools
+
 import attrs
 import numpy as np
 import pytest
@@ -101,7 +103,8 @@ def _close(got, want, what):
 @pytest.mark.parametrize("truncate", [False, True], ids=["full", "truncated"])
 def test_gru_drivers_equal_autodiff_of_the_plain_loop(truncate):
     """A GRU cell: sab_full_bptt equals autodiff of the python loop; sab_bptt and sparse
-    replay equal it with (h) cut at the phased chunk starts (padding at both ends)."""
+    replay equal it with h cut at the phased chunk starts (padding at both ends), also
+    with unrolled scans and no chunk skipping."""
     params, xs, state0, targets, weights = _gru_case()
     plain = jax.jit(
         jax.value_and_grad(_plain_loss, argnums=(0, 1), has_aux=True),
@@ -110,15 +113,17 @@ def test_gru_drivers_equal_autodiff_of_the_plain_loop(truncate):
     (want_loss, want_h), (want_dp, want_dh0) = plain(
         params, state0[0], xs, targets, weights, config=PHASED, truncate=truncate
     )
-    drivers = [sab_model.sab_bptt, sab_model.sab_sparse_replay] if truncate else [
+    # The GPU options (unrolled scans, every chunk replayed untested) change no gradient.
+    replay_all = functools.partial(sab_model.sab_sparse_replay, unroll=2, skip=False)
+    drivers = [sab_model.sab_bptt, sab_model.sab_sparse_replay, replay_all] if truncate else [
         sab_model.sab_full_bptt
     ]  # fmt: skip
-    for driver in drivers:
+    for i, driver in enumerate(drivers):
         loss, (dp, ds0), (h, aux) = driver(
             sab_model.GRU_NET, params, xs, state0, targets, weights, config=PHASED,
             state_grad=True,
         )  # fmt: skip
-        what = driver.__name__
+        what = f"driver {i}"
         _close((loss, h, dp, ds0[0]), (want_loss, want_h, want_dp, want_dh0), what)
         assert aux == () and ds0[1] == ()
 

@@ -26,6 +26,8 @@ frozen attrs class, so it hashes) and return ``(loss, grads, final_state)`` like
 ``jax.value_and_grad``; ``state_grad=True`` makes ``grads`` the pair (d params, d state0).
 ``loss`` is "mse", "xent" (logits ``y @ params["head_w"]``) or a function
 ``loss(params, y_t, target_t) -> scalar``; the total is ``sum_t weights[t] * loss_t``.
+``unroll`` (static) is the scans' steps per loop iteration: fewer, larger loop bodies,
+which GPUs run with less per-iteration overhead, for a longer compile.
 
 Shapes: xs (T, B, I); state0 (h0 (B, Hd), aux0); targets (T, B, O) or (T, B) ints;
 weights (T,) or None (all ones).
@@ -140,10 +142,11 @@ def _weights(weights: Any, xs: jax.Array) -> jax.Array:
     return jnp.asarray(weights, dtype)
 
 
-def rollout_loss(net, params, state0, xs, targets, weights, *, config, loss, truncate):
+def rollout_loss(net, params, state0, xs, targets, weights, *, config, loss, truncate, unroll=1):
     """L = sum_t weights[t] l_t of the SAB forward as one ``lax.scan``; returns (L, final).
 
     ``truncate`` cuts (h, aux) at the chunk starts (sab_bptt); otherwise no chunk cut.
+    ``unroll``: steps per loop iteration of the scan (fewer, larger loop bodies on GPUs).
     """
     rt = retrieval(config)
     h0, aux0 = state0
@@ -155,15 +158,18 @@ def rollout_loss(net, params, state0, xs, targets, weights, *, config, loss, tru
         carry, y = _step(net, rt, config, truncate, params, carry, x, t)
         return carry, weight * _step_loss(loss, params, y, target)
 
-    (h, aux, _, _), values = lax.scan(body, (h0, aux0, bank, keys), (xs, ts, targets, weights))
+    carry = (h0, aux0, bank, keys)
+    (h, aux, _, _), values = lax.scan(body, carry, (xs, ts, targets, weights), unroll=unroll)
     return jnp.sum(values), (h, aux)
 
 
-def _value_and_grad(net, params, xs, state0, targets, weights, config, loss, truncate, state_grad):
+def _value_and_grad(net, params, xs, state0, targets, weights, config, loss, truncate, opts):
+    state_grad, unroll = opts
+
     def fn(p, s0):
         return rollout_loss(
             net, p, s0, xs, targets, _weights(weights, xs), config=config, loss=loss,
-            truncate=truncate,
+            truncate=truncate, unroll=unroll,
         )  # fmt: skip
 
     (value, final), (dp, ds0) = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(
@@ -172,13 +178,14 @@ def _value_and_grad(net, params, xs, state0, targets, weights, config, loss, tru
     return value, ((dp, ds0) if state_grad else dp), final
 
 
-_STATIC = ("net", "config", "loss", "state_grad")
+_STATIC = ("net", "config", "loss", "state_grad", "unroll")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def sab_full_bptt(
-    net, params, xs, state0, targets, weights=None, *, config, loss="mse", state_grad=False
-):
+    net, params, xs, state0, targets, weights=None, *, config, loss="mse", state_grad=False,
+    unroll=1,
+):  # fmt: skip
     """Plain BPTT of the SAB forward (no chunk cut; config.k_trunc is ignored).
 
     Returns:
@@ -186,19 +193,20 @@ def sab_full_bptt(
         final_state (h_T, aux_T)).
     """
     args = (net, params, xs, state0, targets, weights, config, loss)
-    return _value_and_grad(*args, False, state_grad)
+    return _value_and_grad(*args, False, (state_grad, unroll))
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def sab_bptt(
-    net, params, xs, state0, targets, weights=None, *, config, loss="mse", state_grad=False
-):
+    net, params, xs, state0, targets, weights=None, *, config, loss="mse", state_grad=False,
+    unroll=1,
+):  # fmt: skip
     """The SAB gradient on the whole masked graph: (h, aux) cut at every chunk start.
 
     Returns: as :func:`sab_full_bptt`.
     """
     args = (net, params, xs, state0, targets, weights, config, loss)
-    return _value_and_grad(*args, True, state_grad)
+    return _value_and_grad(*args, True, (state_grad, unroll))
 
 
 # ----------------------------------------------------------------------------- sparse replay
@@ -231,7 +239,7 @@ def _pad_chunks(arr: jax.Array, front: int, size: int, count: int) -> jax.Array:
     return arr.reshape((count, size) + arr.shape[1:])
 
 
-def _run_chunk(net, rt, config, loss, params, h, aux, bank, keys, chunk):
+def _run_chunk(net, rt, config, loss, unroll, params, h, aux, bank, keys, chunk):
     """One chunk (L steps, padding masked) from (h, aux) with the bank: (L_chunk, carry)."""
 
     def body(carry, inp):
@@ -239,13 +247,19 @@ def _run_chunk(net, rt, config, loss, params, h, aux, bank, keys, chunk):
         carry, y = _step(net, rt, config, True, params, carry, x, t, valid)
         return carry, weight * _step_loss(loss, params, y, target)
 
-    carry, values = lax.scan(body, (h, aux, bank, keys), chunk)
+    carry, values = lax.scan(body, (h, aux, bank, keys), chunk, unroll=unroll)
     return jnp.sum(values), carry
 
 
-@functools.partial(jax.jit, static_argnames=("net", "config", "loss"))
-def replay_core(net, params, xs, state0, targets, weights=None, *, config, loss="mse"):
-    """Sparse replay (docs/semantics.md R.6) as two scans over chunks: a :class:`ReplayResult`."""
+@functools.partial(jax.jit, static_argnames=("net", "config", "loss", "unroll", "skip"))
+def replay_core(
+    net, params, xs, state0, targets, weights=None, *, config, loss="mse", unroll=1, skip=True
+):
+    """Sparse replay (docs/semantics.md R.6) as two scans over chunks: a :class:`ReplayResult`.
+
+    ``unroll``: steps per loop iteration inside a chunk. ``skip=False`` replays every chunk
+    without testing (same gradients; no conditional, for losses that weight every step).
+    """
     rt: Retrieval = retrieval(config)
     steps = xs.shape[0]
     front, size, count = chunk_layout(steps, config.k_trunc, trunc_phase(config))
@@ -264,7 +278,7 @@ def replay_core(net, params, xs, state0, targets, weights=None, *, config, loss=
     hi = jnp.concatenate([lo[1:], jnp.full((1,), slots, lo.dtype)])
     h0, aux0 = state0
     bank0, keys0 = bank_init(rt, params, h0, slots, config)
-    run = functools.partial(_run_chunk, net, rt, config, loss)
+    run = functools.partial(_run_chunk, net, rt, config, loss, min(unroll, size))
 
     def forward(carry, chunk):  # no caches kept: only the state entering each chunk
         h, aux, bank, keys = carry
@@ -295,10 +309,12 @@ def replay_core(net, params, xs, state0, targets, weights=None, *, config, loss=
             dp, dh, daux, dbk, dky = pull((jnp.ones_like(value), ct_out))
             return (tree_map(jnp.add, grads, dp), dbk, dky, (dh, daux))
 
-        def skip(_):
+        def skip_chunk(_):
             return (grads, d_bank, d_keys, zero_state)
 
-        return lax.cond(wanted, replay, skip, None), wanted
+        if not skip:
+            return replay(None), jnp.ones((), bool)
+        return lax.cond(wanted, replay, skip_chunk, None), wanted
 
     grads0 = tree_map(jnp.zeros_like, params)
     init = (grads0, jnp.zeros_like(bank), jnp.zeros_like(keys), zero_state)
@@ -312,27 +328,42 @@ def replay_core(net, params, xs, state0, targets, weights=None, *, config, loss=
     return ReplayResult(jnp.sum(values), grads, (dh0, daux0), (h_t, aux_t), replayed, bank)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "skip"))
 def sab_sparse_replay(
-    net, params, xs, state0, targets, weights=None, *, config, loss="mse", state_grad=False
-):
+    net, params, xs, state0, targets, weights=None, *, config, loss="mse", state_grad=False,
+    unroll=1, skip=True,
+):  # fmt: skip
     """Sparse replay: :func:`sab_bptt`'s gradient holding one chunk's residuals at a time.
+
+    ``skip=False`` replays every chunk without testing whether it receives gradient.
 
     Returns: as :func:`sab_full_bptt`.
     """
-    r = replay_core(net, params, xs, state0, targets, weights, config=config, loss=loss)
+    r = replay_core(
+        net, params, xs, state0, targets, weights, config=config, loss=loss, unroll=unroll,
+        skip=skip,
+    )  # fmt: skip
     return r.loss, ((r.grads, r.d_state0) if state_grad else r.grads), r.final_state
 
 
 # ----------------------------------------------------------------------------- forward only
-@functools.partial(jax.jit, static_argnames=("net", "config", "first"))
-def sab_outputs(net, params, xs, state0, *, config, first=0):
-    """The SAB forward alone: (ys (T - first, B, O), final_state); steps before ``first``
-    (0-based) keep no output, so a long rollout scored on its last steps holds no (T, B, O)."""
+@functools.partial(jax.jit, static_argnames=("net", "config", "first", "segments", "unroll"))
+def sab_outputs(net, params, xs, state0, *, config, first=0, segments=8, unroll=1):
+    """The SAB forward alone: (ys (T - first, B, O), final_state).
+
+    Steps before ``first`` (0-based) keep no output, so a long rollout scored on its last
+    steps holds no (T, B, O). The steps run as up to ``segments`` scans, each over a bank
+    only as large as the memories written by its end (the bank grows between scans), so a
+    step scores the slots that can be live, not all N_max: about half the work at large T.
+    """
     rt = retrieval(config)
+    steps = xs.shape[0]
+    if not 0 <= first < steps:
+        raise MemcoreError(f"`first` must be in [0, T) = [0, {steps}). Received: first={first!r}")
     h0, aux0 = state0
-    bank, keys = bank_init(rt, params, h0, bank_slots(xs.shape[0], config), config)
-    ts = jnp.arange(1, xs.shape[0] + 1, dtype=jnp.int32)
+    cuts = sorted({0, first, steps} | {steps * g // segments for g in range(1, segments)})
+    bank, keys = bank_init(rt, params, h0, bank_slots(cuts[1], config), config)
+    carry, ys = (h0, aux0, bank, keys), []
 
     def body(carry, inp):
         x, t = inp
@@ -341,7 +372,15 @@ def sab_outputs(net, params, xs, state0, *, config, first=0):
     def body_quiet(carry, inp):
         return body(carry, inp)[0], None
 
-    carry = (h0, aux0, bank, keys)
-    carry, _ = lax.scan(body_quiet, carry, (xs[:first], ts[:first]))
-    (h, aux, _, _), ys = lax.scan(body, carry, (xs[first:], ts[first:]))
-    return ys, (h, aux)
+    for a, b in zip(cuts, cuts[1:]):
+        h, aux, bank, keys = carry
+        grow = bank_slots(b, config) - bank.shape[1]
+        bank = jnp.pad(bank, ((0, 0), (0, grow), (0, 0)))
+        keys = jnp.pad(keys, ((0, 0), (0, grow), (0, 0)))
+        ts = jnp.arange(a + 1, b + 1, dtype=jnp.int32)
+        fn = body if a >= first else body_quiet
+        carry, y = lax.scan(fn, (h, aux, bank, keys), (xs[a:b], ts), unroll=min(unroll, b - a))
+        if a >= first:
+            ys.append(y)
+    h, aux, _, _ = carry
+    return jnp.concatenate(ys, axis=0), (h, aux)

@@ -124,7 +124,7 @@ def _bytes_of(flat, treedef, method, config, kind) -> int:
     chunk = (head(xs), steps_of(jnp.int32), head(targets), head(weights), steps_of(jnp.bool_))
 
     def fn(p, h, c, bank, chunk):
-        return _run_chunk(LSTM_NET, rt, config, kind, p, h, c, *bank, chunk)[0]
+        return _run_chunk(LSTM_NET, rt, config, kind, 1, p, h, c, *bank, chunk)[0]
 
     held = _residual_bytes(fn, params, h0, c0, bank, chunk)
     return _nbytes(bank) + count * _nbytes((h0, c0)) + held

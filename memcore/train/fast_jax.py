@@ -48,6 +48,7 @@ __all__ = [
     "device_batch",
     "evaluate",
     "init_state",
+    "default_unroll",
     "make_train_step",
     "outputs",
     "supports",
@@ -134,15 +135,26 @@ def _schedule(config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     return o.lr / (1.0 - o.beta1**t), np.sqrt(1.0 - o.beta2**t)
 
 
+def default_unroll(device: str | None = None) -> int:
+    """Scan steps per loop iteration: 1 on the CPU (fast compiles), 4 on accelerators."""
+    jax = _jax()
+    platform = jax.devices()[0].platform if device is None else _device(device).platform
+    return 1 if platform == "cpu" else 4
+
+
 @functools.lru_cache(maxsize=16)
-def make_train_step(config: TrainConfig, dtype: str = "float32", donate: bool = False):
+def make_train_step(
+    config: TrainConfig, dtype: str = "float32", donate: bool = False, unroll: int = 1
+):
     """The whole training step, jitted once per shape:
     ``step(params, opt, xs, targets, weights) -> (params, opt, loss, grad_norm)``.
 
     The gradient is the routing ``[routing] method`` names (bptt: full BPTT; sab_bptt and
     tbptt: sab_bptt; sparse_replay), then clip_grad_norm_'s rule and torch's Adam, exactly as
     :func:`memcore.train.optim.adam_update`. ``donate`` lets XLA update params and opt in
-    place (their old buffers are then invalid; not on CPU, which ignores donation).
+    place (their old buffers are then invalid; the CPU ignores donation). ``unroll``: the
+    scans' steps per loop iteration (:func:`default_unroll`). Sparse replay tests each
+    chunk for gradient only when the task has zero loss weights (else it replays them all).
     """
     jax = _jax()
     jnp = jax.numpy
@@ -152,6 +164,10 @@ def make_train_step(config: TrainConfig, dtype: str = "float32", donate: bool = 
     driver = {"bptt": sab_model.sab_full_bptt, "sparse_replay": sab_model.sab_sparse_replay}.get(
         config.routing.method, sab_model.sab_bptt
     )
+    options = {"unroll": unroll}
+    if driver is sab_model.sab_sparse_replay:
+        sample = make_batch(config.task, batch_rng(config.run.seed, STREAM_TRAIN, 0), 1)
+        options["skip"] = any(w == 0.0 for w in sample.weights)
     sizes, roots = _schedule(config)
     b1, b2, eps, clip = o.beta1, o.beta2, o.eps, o.clip_norm
     hidden = config.model.hidden
@@ -160,8 +176,9 @@ def make_train_step(config: TrainConfig, dtype: str = "float32", donate: bool = 
         dt = xs.dtype
         zeros = jnp.zeros((xs.shape[1], hidden), dt)
         loss, grads, _ = driver(
-            sab_model.LSTM_NET, params, xs, (zeros, zeros), targets, weights, config=core, loss=kind
-        )
+            sab_model.LSTM_NET, params, xs, (zeros, zeros), targets, weights, config=core,
+            loss=kind, **options,
+        )  # fmt: skip
         norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree_util.tree_leaves(grads)))
         if clip > 0.0:
             coef = clip / (norm + 1e-6)
@@ -191,8 +208,9 @@ def outputs(config: TrainConfig, params: Mapping[str, Any], xs: Any, first: int 
 
     zeros = jnp.zeros((xs.shape[1], config.model.hidden), xs.dtype)
     ys, _ = sab_model.sab_outputs(
-        sab_model.LSTM_NET, params, xs, (zeros, zeros), config=core_config(config), first=first
-    )
+        sab_model.LSTM_NET, params, xs, (zeros, zeros), config=core_config(config), first=first,
+        unroll=default_unroll(),
+    )  # fmt: skip
     return ys @ params[HEAD_PARAM] if HEAD_PARAM in params else ys
 
 
@@ -256,7 +274,7 @@ def train_fast(
         opt, start, history = adam_zeros(params), 0, tr._new_history()
     end = run.steps if stop_after is None else min(run.steps, start + stop_after)
     on_cpu = jax.devices()[0].platform == "cpu" if device is None else device == "cpu"
-    step_fn = make_train_step(config, dtype, donate=not on_cpu)
+    step_fn = make_train_step(config, dtype, donate=not on_cpu, unroll=default_unroll(device))
     bar = tr._Progress(run.steps, progress)
     pending: list[tuple[int, Any, Any]] = []  # (step, loss, norm) not yet read back
 
