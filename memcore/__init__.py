@@ -10,11 +10,13 @@ from memcore.errors import MemcoreError
 from memcore.ops import OPS, get_op
 from memcore.options import Options, get_options, options
 from memcore.registry import available_backends, get_backend, registered_backends, use_backend
+from memcore.routing_types import Loss
 
 __version__ = "0.1.0"
 SPEC_VERSION = "1.0"
 
 __all__ = [
+    "Loss",
     "MemcoreError",
     "MemoryConfig",
     "ModelCheck",

@@ -13,7 +13,7 @@ import attrs
 
 from memcore.errors import MemcoreError
 
-__all__ = ["MemoryConfig", "SABConfig"]
+__all__ = ["TAU_MIN", "MemoryConfig", "SABConfig", "check_eps", "check_tau"]
 
 
 def _int_at_least(low: int):
@@ -34,16 +34,26 @@ def _bool(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         )
 
 
+# The smallest tau: 2**-126, the smallest normal float32. Logits are divided by
+# sqrt(dh) * tau, so 1/tau must be finite in float32, the compute type of every dtype
+# (docs/semantics.md, "Temperature range"); a subnormal tau such as 5e-324 is refused.
+TAU_MIN = 2.0**-126
+
+
 def check_tau(value: Any, name: str = "tau") -> None:
-    """Validate the write temperature: a finite real in (0, 1]."""
+    """Validate the write temperature: a finite real in (0, 1], at least :data:`TAU_MIN`."""
     ok = (
         isinstance(value, (int, float))
         and not isinstance(value, bool)
         and math.isfinite(value)
-        and 0.0 < value <= 1.0
+        and TAU_MIN <= value <= 1.0
     )
     if not ok:
-        raise MemcoreError(f"`{name}` must be a real number in (0, 1]. Received: {name}={value!r}")
+        raise MemcoreError(
+            f"`{name}` must be a real number in (0, 1], at least 2**-126 = {TAU_MIN:.6g} "
+            f"(the smallest normal float32, so that 1/{name} is finite). "
+            f"Received: {name}={value!r}"
+        )
 
 
 def check_eps(value: Any, name: str = "eps") -> None:

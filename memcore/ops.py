@@ -183,6 +183,8 @@ def _errs_slot(s: Sample) -> list[ErrorCase]:
         ErrorCase("tau = 0", _with_attr(s, tau=0.0), r"`tau` must be a real number in \(0, 1\]"),
         ErrorCase("tau > 1", _with_attr(s, tau=1.5), r"`tau` must be a real number in \(0, 1\]"),
         ErrorCase("tau = nan", _with_attr(s, tau=float("nan")), r"`tau` must"),
+        ErrorCase("tau subnormal", _with_attr(s, tau=5e-324), r"`tau` must be .* at least 2\*\*-126"),
+        ErrorCase("tau below 2**-126", _with_attr(s, tau=1e-39), r"`tau` must be .* at least 2\*\*-126"),
     ]
     return out
 
@@ -301,6 +303,7 @@ _TABLE: Sequence[OpSpec] = (
         _s_memory_init,
         errors=_errs_init,
         doc="normalize(v_bias) broadcast over the batch.",
+        dims_from_attrs=(("B", "batch_size"),),
     ),
     OpSpec(
         "memory_reset",

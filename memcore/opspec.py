@@ -135,6 +135,8 @@ class OpSpec:
         extra_check: op-specific checks on the bound dims and attributes.
         errors: op-specific error cases built from a valid sample.
         doc: one-line summary with the equation reference.
+        dims_from_attrs: output dims no input binds, taken from an attribute, e.g.
+            (("B", "batch_size"),) for memory_init.
     """
 
     name: str
@@ -145,6 +147,7 @@ class OpSpec:
     extra_check: Callable[[Mapping[str, int], Mapping[str, Any]], None] | None = None
     errors: Callable[[Sample], Sequence[ErrorCase]] | None = None
     doc: str = ""
+    dims_from_attrs: tuple[tuple[str, str], ...] = ()
 
     @property
     def differentiable(self) -> tuple[bool, ...]:
@@ -164,6 +167,14 @@ class OpSpec:
         ats = ", ".join(t.name for t in self.attributes)
         outs = ", ".join(f"{n}: ({', '.join(s)})" for n, s in self.outputs)
         return f"{self.name}({ins}; {ats}) -> {outs}"
+
+    def output_shapes(
+        self, bound: Mapping[str, int], attributes: Mapping[str, Any]
+    ) -> tuple[tuple[int, ...], ...]:
+        """The concrete shape of every output, from the dims and attributes ``validate``
+        returned (``dims_from_attrs`` names the dims that come from attributes)."""
+        dims = {**bound, **{d: int(attributes[a]) for d, a in self.dims_from_attrs}}
+        return tuple(tuple(_eval_dim(e, dims) for e in shape) for _, shape in self.outputs)
 
     # ------------------------------------------------------------------ validation
     def validate(

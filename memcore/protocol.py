@@ -22,10 +22,11 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 import numpy as np
 
+from memcore.arrays import array_framework, check_dtype_arg, check_to_numpy_arg
 from memcore.errors import MemcoreError
 from memcore.ops import OPS, get_op
 from memcore.options import get_options
-from memcore.opspec import dtype_name
+from memcore.opspec import FLOAT_DTYPES, Tensor, dtype_name
 
 __all__ = [
     "ROUTING_METHODS",
@@ -33,7 +34,10 @@ __all__ = [
     "BackendBase",
     "Capabilities",
     "Transfer",
+    "array_framework",
     "capability_flags",
+    "check_dtype_arg",
+    "check_to_numpy_arg",
     "from_dlpack",
     "list_devices",
     "probe_float64",
@@ -116,10 +120,18 @@ class BackendBase:
 
     Subclasses implement ``_forward(op, inputs, attrs)``, ``_vjp(op, inputs, attrs, ct)``,
     ``_all_finite(x)``, ``devices``, ``capabilities``, ``from_numpy`` and ``to_numpy``.
+
+    Attributes:
+        array_frameworks: the frameworks (of ``numpy``, ``torch``, ``jax``, ``cupy``) whose
+            arrays the backend accepts; an array of another of them is refused at the entry
+            with a ``MemcoreError`` (see :func:`array_framework`). Empty: no such check.
+        array_kind: how messages name the backend's arrays, e.g. "a torch.Tensor".
     """
 
     name: str = "base"
     version: str = "0"
+    array_frameworks: tuple[str, ...] = ()
+    array_kind: str = "an array"
 
     def _all_finite(self, x: Any) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -130,10 +142,34 @@ class BackendBase:
     def _vjp(self, op: str, inputs: tuple[Any, ...], attributes: dict[str, Any], cotangent: Any):
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def check_array_type(self, name: str, x: Any) -> None:
+        """Refuse an array of a framework this backend does not take (e.g. a torch tensor
+        given to the numpy backend), naming the argument; non-arrays pass through to the
+        shape checks, which name them."""
+        found = array_framework(x)
+        if found is None or not self.array_frameworks or found in self.array_frameworks:
+            return
+        raise MemcoreError(
+            f"`{name}` must be {self.array_kind} for the {self.name} backend. "
+            f"Received: {type(x).__module__}.{type(x).__name__} (a {found} array; convert it "
+            f"with backend.from_numpy or memcore.protocol.transfer)"
+        )
+
     def validate(self, op: str, inputs: Sequence[Any], attributes: Mapping[str, Any]) -> dict[str, Any]:
         """Check a call against the op's spec; return attributes with defaults filled."""
+        spec = get_op(op)
+        if not isinstance(attributes, Mapping):
+            raise MemcoreError(
+                f"`attributes` of {op} must be a mapping of attribute names to values, e.g. "
+                f"{{}} or {{'num_heads': 2}}. Received: {type(attributes).__name__}"
+            )
+        for t, x in zip(spec.inputs, inputs):
+            self.check_array_type(t.name, x)
+        for a in spec.attributes:
+            if isinstance(a, Tensor) and attributes.get(a.name) is not None:
+                self.check_array_type(a.name, attributes[a.name])
         finite = self._all_finite if get_options().check_finite else None
-        _, filled = get_op(op).validate(tuple(inputs), dict(attributes), all_finite=finite)
+        _, filled = spec.validate(tuple(inputs), dict(attributes), all_finite=finite)
         return filled
 
     def forward(self, op: str, *inputs: Any, **attributes: Any) -> Any:
@@ -142,15 +178,75 @@ class BackendBase:
         return self._forward(op, tuple(inputs), filled)
 
     def vjp(self, op: str, inputs: Sequence[Any], attributes: Mapping[str, Any], cotangent: Any):
-        """``(out, grads)``: grads has one entry per input, ``None`` for non-differentiable ones."""
-        spec = get_op(op)
-        filled = self.validate(op, inputs, attributes)
-        if spec.multi_output and (not isinstance(cotangent, (tuple, list)) or len(cotangent) != len(spec.outputs)):
+        """``(out, grads)``: grads has one entry per input, ``None`` for non-differentiable ones.
+
+        The cotangent is checked before dispatch (:meth:`check_cotangent`): exactly the
+        output's shape, a floating dtype, finite when ``check_finite`` is on, one array per
+        output. Gradients take the inputs' dtype whatever the cotangent's float dtype.
+        """
+        if not isinstance(inputs, (tuple, list)):
             raise MemcoreError(
-                f"`cotangent` of {op} must be a tuple of {len(spec.outputs)} arrays. "
-                f"Received: {type(cotangent).__name__}"
+                f"`inputs` of {op} must be a tuple or list of the op's arrays "
+                f"({', '.join(get_op(op).input_names)}). Received: {type(inputs).__name__}"
             )
+        filled = self.validate(op, inputs, attributes)
+        self.check_cotangent(op, tuple(inputs), filled, cotangent)
         return self._vjp(op, tuple(inputs), filled, cotangent)
+
+    def check_cotangent(
+        self, op: str, inputs: tuple[Any, ...], filled: Mapping[str, Any], cotangent: Any
+    ) -> None:
+        """Raise ``MemcoreError`` unless ``cotangent`` fits the outputs of ``op`` on ``inputs``.
+
+        One array per output (a tuple or list for multi-output ops), each of exactly the
+        output's shape (no broadcasting, no extra axis), of a floating dtype, of this
+        backend's array type, and finite when ``check_finite`` is on.
+        """
+        spec = get_op(op)
+        bound, _ = spec.validate(inputs, dict(filled), all_finite=None)
+        shapes = spec.output_shapes(bound, filled)
+        if spec.multi_output:
+            names = ", ".join(n for n, _ in spec.outputs)
+            if not isinstance(cotangent, (tuple, list)) or len(cotangent) != len(spec.outputs):
+                got = (
+                    f"{type(cotangent).__name__} of length {len(cotangent)}"
+                    if isinstance(cotangent, (tuple, list))
+                    else type(cotangent).__name__
+                )
+                raise MemcoreError(
+                    f"`cotangent` of {op} must be a tuple of {len(spec.outputs)} arrays "
+                    f"({names}). Received: {got}"
+                )
+            labels = [f"cotangent[{i}]" for i in range(len(spec.outputs))]
+            cts = tuple(cotangent)
+        else:
+            labels, cts = ["cotangent"], (cotangent,)
+        check = get_options().check_finite
+        for label, ct, (out_name, sym), shape in zip(labels, cts, spec.outputs, shapes):
+            want = f"({', '.join(sym)}) = {shape}"
+            if ct is None or not (hasattr(ct, "shape") and hasattr(ct, "dtype")):
+                raise MemcoreError(
+                    f"`{label}` of {op} must be an array of the shape of output `{out_name}`, "
+                    f"{want}. Received: {type(ct).__name__}"
+                )
+            self.check_array_type(label, ct)
+            dt = dtype_name(ct)
+            if dt not in FLOAT_DTYPES:
+                raise MemcoreError(
+                    f"`{label}` of {op} must have a floating dtype ({', '.join(FLOAT_DTYPES)}). "
+                    f"Received: {label}.dtype={dt}"
+                )
+            got = tuple(int(d) for d in ct.shape)
+            if got != shape:
+                raise MemcoreError(
+                    f"`{label}` of {op} must have the shape of output `{out_name}`, {want}. "
+                    f"Received: {label}.shape={got}"
+                )
+            if check and not self._all_finite(ct):
+                raise MemcoreError(
+                    f"`{label}` of {op} must be finite (no NaN or Inf). "
+                    f"Received: {label} with non-finite entries"
+                )
 
     def __getattr__(self, item: str) -> Callable[..., Any]:
         if item in OPS:

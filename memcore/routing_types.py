@@ -7,6 +7,8 @@ losses, which is what lets MRBP and sparse replay reproduce BPTT exactly.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +32,23 @@ def _kind(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         raise MemcoreError(f"`loss.kind` must be 'mse' or 'xent'. Received: kind={value!r}")
 
 
+def _weights(value: Any) -> tuple[float, ...] | None:
+    """None, or a sequence of finite real numbers as a tuple of floats (MemcoreError else)."""
+    if value is None:
+        return None
+    bad = isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__")
+    items: list[Any] = [] if bad else list(value)
+    # numbers.Real covers NumPy's float and int scalars; bool is an int but not a weight.
+    ok = not bad and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items)
+    floats = tuple(float(v) for v in items) if ok else ()
+    if not ok or not all(math.isfinite(v) for v in floats):
+        raise MemcoreError(
+            "`loss.weights` must be None or a sequence of finite real numbers, one per step. "
+            f"Received: weights={value!r}"
+        )
+    return floats
+
+
 @attrs.frozen
 class Loss:
     """L = sum_t weight_t * loss(y_t, target_t).
@@ -42,9 +61,7 @@ class Loss:
     """
 
     kind: str = attrs.field(default="mse", validator=_kind)
-    weights: tuple[float, ...] | None = attrs.field(
-        default=None, converter=lambda w: None if w is None else tuple(float(v) for v in w)
-    )
+    weights: tuple[float, ...] | None = attrs.field(default=None, converter=_weights)
 
 
 @attrs.frozen

@@ -67,8 +67,8 @@ def memory_read_forward(x, memory, wq, wk, wv, wo, *, num_heads: int):
     q = split_heads(xp, xp.matmul(x, wq), num_heads)
     k = split_heads(xp, xp.matmul(memory, wk), num_heads)
     v = split_heads(xp, xp.matmul(memory, wv), num_heads)
-    s = xp.matmul(q, mT(xp, k)) * scale
-    s = s - xp.max(s, axis=-1, keepdims=True)
+    s = xp.matmul(q, mT(xp, k))
+    s = (s - xp.max(s, axis=-1, keepdims=True)) * scale  # max first, then scale (§2)
     e = xp.exp(s)
     p = e / xp.sum(e, axis=-1, keepdims=True)
     o = merge_heads(xp, xp.matmul(p, v))
@@ -142,8 +142,8 @@ def slot_attention_forward(memory, x, wq, wk, wv, *, num_heads: int, tau: float 
     kx = split_heads(xp, xp.matmul(x, wk), num_heads)
     vx = split_heads(xp, xp.matmul(x, wv), num_heads)
     ms = split_heads(xp, memory, num_heads)
-    s_self = xp.sum(q * ks, axis=-1, keepdims=True) * scale  # (B, H, K, 1)
-    s_tok = xp.matmul(q, mT(xp, kx)) * scale  # (B, H, K, L)
+    s_self = xp.sum(q * ks, axis=-1, keepdims=True)  # (B, H, K, 1)
+    s_tok = xp.matmul(q, mT(xp, kx))  # (B, H, K, L)
     logits = concat(xp, [s_self, s_tok], axis=-1)
     if token_mask is not None:
         keep = xp.asarray(token_mask)[:, None, None, :]
@@ -151,8 +151,10 @@ def slot_attention_forward(memory, x, wq, wk, wv, *, num_heads: int, tau: float 
         self_col = ones(xp, keep.shape[:-1] + (1,), keep)
         allowed = concat(xp, [self_col, keep], axis=-1)
         logits = xp.where(allowed, logits, -math.inf)
-    # Subtract the row max: logits / tau stay finite in exp for tau down to 1e-3.
-    logits = logits - xp.max(logits, axis=-1, keepdims=True)
+    # Subtract the row max, then scale (§2): every scaled logit is <= 0, the row max exactly
+    # 0, so exp stays finite for every allowed tau (1/tau up to 2**126), where scaling first
+    # overflows to inf - inf = NaN for small tau or large inputs.
+    logits = (logits - xp.max(logits, axis=-1, keepdims=True)) * scale
     e = xp.exp(logits)
     a = e / xp.sum(e, axis=-1, keepdims=True)
     out_h = a[..., :1] * ms + xp.matmul(a[..., 1:], vx)

@@ -12,6 +12,7 @@ from memcore.reference.attention import SlotCache, slot_attention_backward, slot
 
 __all__ = [
     "NORM_EPS",
+    "norm",
     "bmn_forward",
     "bmn_backward",
     "normalize",
@@ -27,10 +28,23 @@ __all__ = [
 NORM_EPS = 1e-12  # the clamp of normalize(u) = u / max(||u||, eps), F.normalize's convention
 
 
+def norm(xp, u):
+    """||u||_2 over the last axis (keepdims), computed as a ||u / a|| with a = max|u|.
+
+    Scaling before squaring keeps u * u from overflowing: in float32 a row of norm ~1e20
+    would square to inf and normalize to 0 (docs/semantics.md §3.3). a = 1 for a zero row.
+    """
+    if u.shape[-1] == 0:
+        return xp.sum(u, axis=-1, keepdims=True)  # zeros of shape (..., 1)
+    a = xp.max(xp.abs(u), axis=-1, keepdims=True)
+    a = xp.where(a > 0, a, xp.ones_like(a))
+    v = u / a
+    return a * xp.sqrt(xp.sum(v * v, axis=-1, keepdims=True))
+
+
 def normalize(xp, u):
     """y = u / max(||u||_2, 1e-12) over the last axis; returns (y, n) with n the clamped norm."""
-    n = xp.sqrt(xp.sum(u * u, axis=-1, keepdims=True))
-    n = xp.maximum(n, NORM_EPS)
+    n = xp.maximum(norm(xp, u), NORM_EPS)
     return u / n, n
 
 

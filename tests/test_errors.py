@@ -104,13 +104,16 @@ def test_heads_must_divide_width(heads):
         ref.memory_read(*_read_inputs(), num_heads=heads)
 
 
-@pytest.mark.parametrize("tau", [0.0, -0.5, 1.0000001, 2, float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    "tau", [0.0, -0.5, 1.0000001, 2, float("nan"), float("inf"), 5e-324, 1e-39, 2.0**-127]
+)
 def test_tau_outside_unit_interval(tau):
-    """tau must lie in (0, 1]; the message shows the received tau."""
+    """tau must lie in [2**-126, 1]; the message states the range and the received tau."""
     m, x = _read_inputs()[1], _read_inputs()[0]
     ws = _read_inputs()[2:5]
     with pytest.raises(
-        MemcoreError, match=r"`tau` must be a real number in \(0, 1\]. Received: tau="
+        MemcoreError,
+        match=r"`tau` must be a real number in \(0, 1\], at least 2\*\*-126 .* Received: tau=",
     ):
         ref.slot_attention(m, x, *ws, num_heads=2, tau=tau)
 
@@ -255,11 +258,11 @@ def test_unknown_op_lists_the_ops():
         ),
         (
             {"slots": 4, "dim": 8, "tau": 0.0},
-            "`tau` must be a real number in (0, 1]. Received: tau=0.0",
+            "`tau` must be a real number in (0, 1], at least 2**-126",
         ),
         (
             {"slots": 4, "dim": 8, "tau": 1.5},
-            "`tau` must be a real number in (0, 1]. Received: tau=1.5",
+            "`tau` must be a real number in (0, 1], at least 2**-126",
         ),
     ],
 )

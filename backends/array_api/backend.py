@@ -17,7 +17,14 @@ import numpy as np
 from memcore import reference
 from memcore.routing_delegate import RoutingDelegate
 from memcore.errors import MemcoreError
-from memcore.protocol import BackendBase, Capabilities, probe_float64
+from memcore.ops import OPS
+from memcore.protocol import (
+    BackendBase,
+    Capabilities,
+    check_dtype_arg,
+    check_to_numpy_arg,
+    probe_float64,
+)
 from memcore.reference._xp import all_finite
 
 __all__ = ["REQUIRED_FUNCTIONS", "ArrayApiBackend", "default_backend", "device_name"]
@@ -84,6 +91,10 @@ class ArrayApiBackend(RoutingDelegate, BackendBase):
             )
         self.xp = xp
         self.name = name
+        # NumPy arrays stay accepted (masks, host data); torch, jax or cupy arrays are refused
+        # unless the namespace is theirs.
+        self.array_frameworks = ("numpy", xp.__name__.split(".")[0])
+        self.array_kind = f"an array of {xp.__name__}"
         self.version = (
             f"{xp.__name__} {getattr(xp, '__version__', '?')} "
             f"(Array API {getattr(xp, '__array_api_version__', '?')})"
@@ -155,7 +166,7 @@ class ArrayApiBackend(RoutingDelegate, BackendBase):
             MemcoreError: unknown device, or a dtype the device does not support.
         """
         dev = self._device(device)
-        host = np.array(x, dtype=dtype, copy=True)
+        host = np.array(x, dtype=check_dtype_arg(dtype), copy=True)
         try:
             if hasattr(self.xp, "from_dlpack"):
                 try:
@@ -173,6 +184,7 @@ class ArrayApiBackend(RoutingDelegate, BackendBase):
 
     def to_numpy(self, x: Any) -> np.ndarray:
         """A NumPy copy on the host: through DLPack, else the namespace's host conversion."""
+        check_to_numpy_arg(self, x)
         if isinstance(x, np.ndarray):
             return np.array(x, copy=True)
         try:
@@ -199,7 +211,19 @@ class ArrayApiBackend(RoutingDelegate, BackendBase):
 
     def _vjp(self, op: str, inputs: tuple[Any, ...], attributes: dict[str, Any], cotangent: Any):
         out, cache = reference.forward(op, *inputs, **attributes)
+        # Gradients take the inputs' dtype (docs/semantics.md §5), never the cotangent's.
+        dtype = inputs[0].dtype
+        if OPS[op].multi_output:
+            cotangent = tuple(self._cast(c, dtype) for c in cotangent)
+        else:
+            cotangent = self._cast(cotangent, dtype)
         return out, reference.backward(op, cache, cotangent)
+
+    def _cast(self, x: Any, dtype: Any) -> Any:
+        """``x`` in ``dtype``, as an array of the namespace (a NumPy cotangent is moved)."""
+        if isinstance(x, np.ndarray) and self.xp.__name__.split(".")[0] != "numpy":
+            x = self.xp.asarray(np.asarray(x))
+        return x if x.dtype == dtype else self.xp.astype(x, dtype)
 
 
 def default_backend() -> ArrayApiBackend:

@@ -23,7 +23,7 @@ from memcore import reference
 from memcore.errors import MemcoreError
 from memcore.ops import OPS
 from memcore.options import options
-from memcore.protocol import BackendBase, Capabilities
+from memcore.protocol import BackendBase, Capabilities, check_dtype_arg, check_to_numpy_arg
 
 __all__ = ["CupyBackend"]
 
@@ -64,6 +64,8 @@ class CupyBackend(BackendBase):
 
     name = "cupy"
     version = cp.__version__
+    array_frameworks = ("cupy", "numpy")  # NumPy masks are accepted; float inputs: see validate
+    array_kind = "a cupy.ndarray"
 
     def __init__(self, fused: bool = True) -> None:
         self.fused = bool(fused)
@@ -83,11 +85,12 @@ class CupyBackend(BackendBase):
 
     def from_numpy(self, x: np.ndarray, *, dtype: str | None = None, device: str | None = None) -> Any:
         ordinal = interop.parse_device(device)
-        host = np.asarray(x, dtype=dtype)
+        host = np.asarray(x, dtype=check_dtype_arg(dtype))
         with cp.cuda.Device(ordinal):
             return cp.array(host, copy=True)
 
     def to_numpy(self, x: Any) -> np.ndarray:
+        check_to_numpy_arg(self, x)
         if isinstance(x, cp.ndarray):
             return cp.asnumpy(x)
         return np.array(x, copy=True)
@@ -140,9 +143,15 @@ class CupyBackend(BackendBase):
         return _tree(_down, out) if half else out
 
     def _vjp(self, op: str, inputs: tuple[Any, ...], attributes: dict[str, Any], cotangent: Any):
+        dtype = inputs[0].dtype
         inputs, half = self._prepare(op, inputs)
-        if half:
-            cotangent = _tree(_up, tuple(cotangent) if isinstance(cotangent, list) else cotangent)
+        # Gradients take the inputs' dtype (docs/semantics.md §5), never the cotangent's;
+        # half inputs compute in float32 and are cast back below.
+        work = cp.float32 if half else dtype
+        cotangent = _tree(
+            lambda c: cp.asarray(c).astype(work, copy=False),
+            tuple(cotangent) if isinstance(cotangent, list) else cotangent,
+        )
         if self.fused and op in FUSED_OPS:
             fwd, bwd, _ = FUSED_OPS[op]
             out, cache = fwd(*inputs, **attributes)

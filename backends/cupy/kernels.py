@@ -79,10 +79,15 @@ extern "C" __global__ void bmn_fwd(const T* __restrict__ m, const T* __restrict_
     const long row = blockIdx.x;
     const T* mr = m + row * D;
     const T* vr = vb + (long)(row % K) * D;
+    // ||u|| = a ||u / a||, a = max|u|: u * u alone overflows float32 at ||u|| ~ 1e19.
+    T a = 0;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) a = fmax(a, fabs(mr[d] + vr[d]));
+    a = block_reduce(a, sh, MaxOp(), (T)0);
+    a = a > (T)0 ? a : (T)1;
     T s = 0;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) { T u = mr[d] + vr[d]; s += u * u; }
+    for (int d = threadIdx.x; d < D; d += blockDim.x) { T u = (mr[d] + vr[d]) / a; s += u * u; }
     s = block_reduce(s, sh, SumOp(), (T)0);
-    T n = sqrt(s);
+    T n = a * sqrt(s);
     n = n > (T)NORM_EPS ? n : (T)NORM_EPS;  // u / max(||u||, eps)
     for (int d = threadIdx.x; d < D; d += blockDim.x) y[row * D + d] = (mr[d] + vr[d]) / n;
     if (threadIdx.x == 0) nrm[row] = n;
@@ -208,8 +213,10 @@ extern "C" __global__ void slot_fwd(const T* __restrict__ q, const T* __restrict
         part += d < DH ? qv[r] * ks[srow + d] : (T)0;
         acc[r] = d < DH ? mem[srow + d] : (T)0;  // the self value is the raw slot
     }
-    const T s_self = warp_reduce(part, SumOp()) * scale;
-    T mx = s_self, l = 1;  // running max and sum of exp(logit - mx); self term = 1
+    // Logits stay unscaled; exponents are (s - mx) * scale <= 0 (docs/semantics.md §2), so
+    // no tau in the allowed range overflows, where scale * s first could give inf - inf.
+    const T s_self = warp_reduce(part, SumOp());
+    T mx = s_self, l = 1;  // running max and sum of exp((logit - mx) * scale); self term = 1
     T* arow = a_out ? a_out + wrow * (long)(L + 1) : nullptr;
     if (arow && lane == 0) arow[0] = s_self;
     for (int j = 0; j < L; ++j) {
@@ -224,10 +231,10 @@ extern "C" __global__ void slot_fwd(const T* __restrict__ q, const T* __restrict
             const int d = lane + 32 * r;
             part += d < DH ? qv[r] * kx[trow + d] : (T)0;
         }
-        const T s = warp_reduce(part, SumOp()) * scale;
+        const T s = warp_reduce(part, SumOp());
         if (arow && lane == 0) arow[1 + j] = s;
         T corr = 1, p;
-        if (s > mx) { corr = exp(mx - s); mx = s; p = 1; } else { p = exp(s - mx); }
+        if (s > mx) { corr = exp((mx - s) * scale); mx = s; p = 1; } else { p = exp((s - mx) * scale); }
         l = l * corr + p;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
@@ -243,7 +250,7 @@ extern "C" __global__ void slot_fwd(const T* __restrict__ q, const T* __restrict
     }
     if (arow) {
         __syncwarp();
-        for (int j = lane; j <= L; j += 32) arow[j] = exp(arow[j] - mx) * inv;
+        for (int j = lane; j <= L; j += 32) arow[j] = exp((arow[j] - mx) * scale) * inv;
     }
 }
 """

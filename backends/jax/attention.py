@@ -11,7 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from memcore.backends.jax._common import merge_heads, softmax, split_heads, upcast_halves
+from memcore.backends.jax._common import merge_heads, scaled_softmax, split_heads, upcast_halves
 
 __all__ = ["memory_read", "slot_attention"]
 
@@ -32,7 +32,7 @@ def memory_read(x, memory, wq, wk, wv, wo, *, num_heads: int) -> jax.Array:
     q = split_heads(x @ wq, num_heads)
     k = split_heads(memory @ wk, num_heads)
     v = split_heads(memory @ wv, num_heads)
-    p = softmax((q @ jnp.swapaxes(k, -1, -2)) * scale)
+    p = scaled_softmax(q @ jnp.swapaxes(k, -1, -2), scale)
     return merge_heads(p @ v) @ wo
 
 
@@ -57,10 +57,10 @@ def slot_attention(
     kx = split_heads(x @ wk, num_heads)
     vx = split_heads(x @ wv, num_heads)
     ms = split_heads(memory, num_heads)
-    s_self = jnp.sum(q * ks, axis=-1, keepdims=True) * scale  # (B, H, K, 1)
-    s_tok = (q @ jnp.swapaxes(kx, -1, -2)) * scale  # (B, H, K, L)
+    s_self = jnp.sum(q * ks, axis=-1, keepdims=True)  # (B, H, K, 1)
+    s_tok = q @ jnp.swapaxes(kx, -1, -2)  # (B, H, K, L)
     if token_mask is not None:
         # Eq. 6 mask; the self column stays, so every row keeps a finite max.
         s_tok = jnp.where(jnp.asarray(token_mask)[:, None, None, :], s_tok, -jnp.inf)
-    a = softmax(jnp.concatenate([s_self, s_tok], axis=-1))
+    a = scaled_softmax(jnp.concatenate([s_self, s_tok], axis=-1), scale)
     return merge_heads(a[..., :1] * ms + a[..., 1:] @ vx)

@@ -3,11 +3,21 @@
 float64 is offered only when ``jax_enable_x64`` is on; this module reads that flag and
 never sets it (it is process-wide and sticky: set ``JAX_ENABLE_X64=1`` before JAX is
 first imported). Ops run jitted with their scalar attributes as static arguments.
+
+The ops compose with ``jax.jit``, ``jax.grad`` and ``jax.vmap``: shapes and dtypes are
+validated while tracing as always, but the finiteness check (``check_finite``) is skipped
+for traced values, since a tracer has no concrete content to look at (``bool`` of it
+raises ``TracerBoolConversionError``); concrete arrays are checked exactly as before.
+Inside ``with checkify_finite():`` the check is staged as a ``jax.experimental.checkify``
+check instead, reported when the function is wrapped in ``checkify.checkify``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -20,11 +30,12 @@ from memcore.backends.jax.sab import sab_scores, sparse_retrieve, sparsify
 
 from memcore.errors import MemcoreError
 from memcore.ops import OPS
+from memcore.options import get_options
 from memcore.opspec import Tensor
-from memcore.protocol import BackendBase, Capabilities
+from memcore.protocol import BackendBase, Capabilities, check_dtype_arg, check_to_numpy_arg
 from memcore.routing_delegate import RoutingDelegate
 
-__all__ = ["JaxBackend", "OP_FUNCTIONS"]
+__all__ = ["JaxBackend", "OP_FUNCTIONS", "checkify_finite", "is_traced"]
 
 OP_FUNCTIONS = {
     "memory_read": memory_read,
@@ -39,6 +50,34 @@ OP_FUNCTIONS = {
     "sparse_retrieve": sparse_retrieve,
 }
 assert set(OP_FUNCTIONS) == set(OPS), "every registered op needs a JAX implementation"
+
+
+_CHECKIFY: contextvars.ContextVar[bool] = contextvars.ContextVar("memcore_jax_checkify", default=False)
+
+
+def is_traced(x: Any) -> bool:
+    """Whether ``x`` is a tracer (inside ``jit``, ``grad``, ``vmap``...): no concrete values."""
+    return isinstance(x, jax.core.Tracer)
+
+
+@contextlib.contextmanager
+def checkify_finite(enabled: bool = True) -> Iterator[None]:
+    """Stage the finiteness check of traced inputs as ``jax.experimental.checkify`` checks.
+
+    Off by default, so ops trace under a plain ``jax.jit``: an unfunctionalized checkify
+    check cannot be staged. Use it around the tracing, and wrap the function::
+
+        with checkify_finite():
+            err, out = jax.jit(checkify.checkify(f))(x)
+        err.throw()  # "`x` must be finite (no NaN or Inf). ..."
+
+    Concrete (untraced) inputs are checked eagerly either way, with ``MemcoreError``.
+    """
+    token = _CHECKIFY.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _CHECKIFY.reset(token)
 
 
 def _split(
@@ -69,6 +108,8 @@ class JaxBackend(RoutingDelegate, BackendBase):
     """JAX arrays on CPU or GPU; gradients from JAX autodiff (``jax.vjp``)."""
 
     name = "jax"
+    array_frameworks = ("jax", "numpy")
+    array_kind = "a jax.Array (or a NumPy array)"
     routing_module = "memcore.backends.jax.routing"
     version = jax.__version__
 
@@ -129,6 +170,7 @@ class JaxBackend(RoutingDelegate, BackendBase):
     def from_numpy(
         self, x: np.ndarray, *, dtype: str | None = None, device: str | None = None
     ) -> Any:
+        dtype = check_dtype_arg(dtype)
         arr = np.asarray(x)
         want = np.dtype(dtype) if dtype is not None and dtype != "bfloat16" else arr.dtype
         if str(dtype) == "float64" or (dtype is None and arr.dtype == np.float64):
@@ -145,14 +187,41 @@ class JaxBackend(RoutingDelegate, BackendBase):
         return jax.device_put(jnp.asarray(arr, dtype=want), self._device(device))
 
     def to_numpy(self, x: Any) -> np.ndarray:
+        check_to_numpy_arg(self, x)
+        if is_traced(x):
+            raise MemcoreError(
+                "`x` of to_numpy must be a concrete array, not a traced value (inside "
+                f"jit, grad or vmap it has no values yet). Received: {type(x).__name__}"
+            )
         return np.array(jax.device_get(x), copy=True)
 
     def _all_finite(self, x: Any) -> bool:
+        """True when no entry is NaN or Inf; True for a tracer, which has no values to check
+        (see the module docstring and :func:`checkify_finite`)."""
+        if is_traced(x):
+            return True
         if isinstance(x, jax.Array):
             return bool(jnp.all(jnp.isfinite(x)))
         return bool(np.all(np.isfinite(np.asarray(x))))
 
     # ------------------------------------------------------------------ ops
+    def validate(self, op: str, inputs: Sequence[Any], attributes: Mapping[str, Any]) -> dict[str, Any]:
+        """The shared checks; inside :func:`checkify_finite`, traced float inputs also get a
+        staged checkify finiteness check."""
+        filled = super().validate(op, inputs, attributes)
+        if _CHECKIFY.get() and get_options().check_finite:
+            from jax.experimental import checkify
+
+            named = list(zip(OPS[op].inputs, inputs))
+            for t, x in named:
+                if t.kind == "float" and is_traced(x):
+                    checkify.check(
+                        jnp.all(jnp.isfinite(x)),
+                        f"`{t.name}` must be finite (no NaN or Inf). "
+                        f"Received: {t.name} with non-finite entries",
+                    )
+        return filled
+
     def _forward(self, op: str, inputs: tuple[Any, ...], attributes: dict[str, Any]) -> Any:
         static, arrays = _split(op, attributes)
         return _forward_jit(tuple(inputs), arrays, op=op, static=static)

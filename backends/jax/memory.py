@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from memcore.backends.jax._common import upcast_halves
 from memcore.backends.jax.attention import slot_attention
 
@@ -22,13 +23,23 @@ def normalize(u: jax.Array) -> jax.Array:
     (gradient dy / eps). The square root only ever sees a positive argument (where-guard),
     so a zero row gives no NaN in the VJP; a plain ``jnp.maximum`` would also split the
     gradient at a tie, which the reference does not.
+
+    No overflow (docs/semantics.md §9): u * u alone overflows float32 for rows of norm
+    ~1e19, so the row is first divided by s = max|u| / 16 (a stop-gradient: the result
+    does not depend on s) and the output is v / ||v|| with v = u / s. Why not divide by
+    the norm itself: XLA on CPU divides through a flushed-to-zero reciprocal, so x / n is
+    0 for any n > 2**126; 1 / s = 16 / max|u| stays a normal float32.
     """
-    sq = jnp.sum(u * u, axis=-1, keepdims=True)
+    if u.shape[-1] == 0:
+        return u / 1.0
+    a = lax.stop_gradient(jnp.max(jnp.abs(u), axis=-1, keepdims=True))
+    s = jnp.where(a > 0, a * 0.0625, jnp.ones_like(a))
+    v = u / s
+    sq = jnp.sum(v * v, axis=-1, keepdims=True)
     positive = sq > 0
     root = jnp.sqrt(jnp.where(positive, sq, jnp.ones_like(sq)))
-    unclamped = positive & (root > NORM_EPS)
-    n = jnp.where(unclamped, root, jnp.full_like(root, NORM_EPS))
-    return u / n
+    unclamped = positive & (s * root > NORM_EPS)
+    return jnp.where(unclamped, v / root, u / NORM_EPS)
 
 
 @upcast_halves

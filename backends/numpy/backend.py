@@ -9,7 +9,8 @@ import numpy as np
 from memcore import reference
 from memcore.routing_delegate import RoutingDelegate
 from memcore.errors import MemcoreError
-from memcore.protocol import BackendBase, Capabilities
+from memcore.ops import OPS
+from memcore.protocol import BackendBase, Capabilities, check_dtype_arg, check_to_numpy_arg
 from memcore.reference._xp import all_finite
 
 __all__ = ["NumpyBackend"]
@@ -24,6 +25,8 @@ class NumpyBackend(RoutingDelegate, BackendBase):
 
     name = "numpy"
     version = np.__version__
+    array_frameworks = ("numpy",)
+    array_kind = "a NumPy array"
 
     def devices(self) -> tuple[str, ...]:
         return ("cpu",)
@@ -34,9 +37,10 @@ class NumpyBackend(RoutingDelegate, BackendBase):
     def from_numpy(self, x: np.ndarray, *, dtype: str | None = None, device: str | None = None) -> Any:
         if device not in (None, "cpu"):
             raise MemcoreError(f"`device` must be one of ('cpu',) for numpy. Received: device={device!r}")
-        return np.array(x, dtype=dtype, copy=True)
+        return np.array(x, dtype=check_dtype_arg(dtype), copy=True)
 
     def to_numpy(self, x: Any) -> np.ndarray:
+        check_to_numpy_arg(self, x)
         return np.array(x, copy=True)
 
     def _all_finite(self, x: Any) -> bool:
@@ -47,4 +51,10 @@ class NumpyBackend(RoutingDelegate, BackendBase):
 
     def _vjp(self, op: str, inputs: tuple[Any, ...], attributes: dict[str, Any], cotangent: Any):
         out, cache = reference.forward(op, *inputs, **attributes)
+        # Gradients take the inputs' dtype (docs/semantics.md §5), never the cotangent's.
+        dtype = inputs[0].dtype
+        if OPS[op].multi_output:
+            cotangent = tuple(np.asarray(c).astype(dtype, copy=False) for c in cotangent)
+        else:
+            cotangent = np.asarray(cotangent).astype(dtype, copy=False)
         return out, reference.backward(op, cache, cotangent)

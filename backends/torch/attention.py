@@ -9,11 +9,22 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from memcore.backends.torch._common import half_safe, merge_heads, split_heads
 
-__all__ = ["memory_read", "slot_attention"]
+__all__ = ["memory_read", "scaled_softmax", "slot_attention"]
+
+
+def scaled_softmax(s: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale * s) over the last axis, as (s - max s) * scale (docs/semantics.md §2).
+
+    The max is subtracted before the scale multiplies: every scaled logit is then <= 0
+    (the row's max exactly 0), so no tau in the allowed range (1/tau up to 2**126) can
+    overflow, where scale * s first would give inf - inf = NaN. The max is detached (a
+    constant shift: softmax's gradient does not depend on it).
+    """
+    shifted = (s - s.amax(dim=-1, keepdim=True).detach()) * scale
+    return torch.softmax(shifted, dim=-1)
 
 
 @half_safe
@@ -32,9 +43,13 @@ def memory_read(x, memory, wq, wk, wv, wo, *, num_heads: int) -> torch.Tensor:
     q = split_heads(x @ wq, num_heads)
     k = split_heads(memory @ wk, num_heads)
     v = split_heads(memory @ wv, num_heads)
-    # The fused kernel subtracts the row max like the reference; every row has K >= 1 keys.
-    o = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return merge_heads(o) @ wo
+    # An explicit softmax, not F.scaled_dot_product_attention: SDPA's backward recomputes
+    # P = exp(S - logsumexp), and with logits of size |S| the float32 logsumexp carries an
+    # absolute error ~ 1e-7 |S|, so at input scale 1e2-1e4 the gradients lost all accuracy
+    # (error relative to the largest entry up to 1e1). Autograd of softmax keeps P itself,
+    # as the reference does; P is only (B, H, L, K), K the few memory slots.
+    p = scaled_softmax(q @ k.transpose(-1, -2), scale)
+    return merge_heads(p @ v) @ wo
 
 
 @half_safe
@@ -57,14 +72,13 @@ def slot_attention(
     kx = split_heads(x @ wk, num_heads)
     vx = split_heads(x @ wv, num_heads)
     ms = split_heads(memory, num_heads)
-    s_self = (q * ks).sum(-1, keepdim=True) * scale  # (B, H, K, 1)
-    s_tok = (q @ kx.transpose(-1, -2)) * scale  # (B, H, K, L)
+    s_self = (q * ks).sum(-1, keepdim=True)  # (B, H, K, 1)
+    s_tok = q @ kx.transpose(-1, -2)  # (B, H, K, L)
     if token_mask is not None:
         keep = torch.as_tensor(token_mask, device=memory.device)[:, None, None, :]
         # Masked logits are -inf: exp gives exactly 0 weight and softmax's backward exactly 0
         # gradient; the self entry is never masked, so every row keeps a finite max.
         s_tok = s_tok.masked_fill(~keep, -math.inf)
-    # torch.softmax subtracts the row max: logits / tau stay finite for tau down to 1e-3.
-    a = torch.softmax(torch.cat([s_self, s_tok], dim=-1), dim=-1)
+    a = scaled_softmax(torch.cat([s_self, s_tok], dim=-1), scale)
     out = a[..., :1] * ms + a[..., 1:] @ vx
     return merge_heads(out)

@@ -2,6 +2,11 @@
 
 Gradients come from ``torch.autograd.grad`` on the op's forward, never from the
 reference's hand-written backward: comparing the two is an independent check of both.
+
+``forward`` (and the ``backend.<op>(...)`` shortcuts) take part in autograd: when an input
+requires grad and grad mode is on, the output has a ``grad_fn`` and ``.backward()`` gives
+the op's gradient, so models built on the backend train. Without such inputs no graph is
+kept. ``vjp`` runs on fresh leaves and never touches the caller's tensors.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from memcore.backends.torch import attention, lstm, memory, sab
 from memcore.backends.torch._common import DTYPES, HALF, torch_dtype
 from memcore.errors import MemcoreError
 from memcore.ops import get_op
-from memcore.protocol import BackendBase, Capabilities
+from memcore.protocol import BackendBase, Capabilities, check_dtype_arg, check_to_numpy_arg
 from memcore.routing_delegate import RoutingDelegate
 
 __all__ = ["TorchBackend"]
@@ -48,6 +53,8 @@ class TorchBackend(RoutingDelegate, BackendBase):
     """
 
     name = "torch"
+    array_frameworks = ("torch", "numpy")
+    array_kind = "a torch.Tensor (or a NumPy array)"
     routing_module = "memcore.backends.torch.routing"
     version = torch.__version__
 
@@ -80,6 +87,8 @@ class TorchBackend(RoutingDelegate, BackendBase):
     ) -> Any:
         """A fresh tensor (never sharing memory with ``x``), cast to ``dtype`` on ``device``."""
         dev = self._device(device)
+        if dtype is not None and not isinstance(dtype, str):
+            dtype = check_dtype_arg(dtype)  # np.float32, np.dtype(...): their name
         arr = np.asarray(x)
         t = torch.tensor(arr, device=dev)  # copies
         if dtype is not None:
@@ -88,6 +97,9 @@ class TorchBackend(RoutingDelegate, BackendBase):
 
     def to_numpy(self, x: Any) -> np.ndarray:
         """A NumPy copy on the host; bfloat16 and float16 come back as float32."""
+        if isinstance(x, np.ndarray):
+            return np.array(x, copy=True)
+        check_to_numpy_arg(self, x)
         t = x.detach()
         if t.dtype in HALF:
             t = t.to(torch.float32)
@@ -150,8 +162,9 @@ class TorchBackend(RoutingDelegate, BackendBase):
         device = inputs[0].device if isinstance(inputs[0], torch.Tensor) else None
         ins = tuple(_as_tensor(x, device) for x in inputs)
         at = {k: _as_tensor(v, device) for k, v in attributes.items()}
-        with torch.no_grad():
-            return OP_IMPL[op](*ins, **at)
+        # No no_grad here: with inputs that require grad (and grad mode on) the output joins
+        # the caller's graph; without them autograd records nothing, as for any torch op.
+        return OP_IMPL[op](*ins, **at)
 
     def _vjp(self, op: str, inputs: tuple[Any, ...], attributes: dict[str, Any], cotangent: Any):
         spec = get_op(op)
