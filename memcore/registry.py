@@ -148,6 +148,12 @@ def _config_value(value: Any, path: pathlib.Path) -> str | None:
 def resolve_backend_name(name: str | None = None) -> str:
     """The backend name the precedence rules select (see the module docstring)."""
     if name is not None:
+        if not isinstance(name, str) or not name:
+            raise MemcoreError(
+                f"`name` must be a backend name (a non-empty str) or 'package.module:factory'. "
+                f"Received: name={name!r} ({type(name).__name__}). "
+                f"Available: {', '.join(available_backends())}"
+            )
         return name
     ctx = _context.get()
     if ctx is not None:
