@@ -4,6 +4,8 @@ Each wraps the numpy backend and breaks one thing; the meta-tests assert that th
 meant to catch it fails (and, where the break is local, only that check):
 
 * :class:`ScaledBackward`: one op's gradients multiplied by a wrong factor -> ``vjp``.
+* :class:`Float32GradientDrift`: one op's float32 gradients off by 0.1% (a fused float32
+  kernel's typical bug), float64 exact -> float32 ``vjp`` only.
 * :class:`ThresholdOffByOne`: sparsify's threshold is the ``k_top``-th largest score
   instead of the ``(k_top + 1)``-th -> ``forward`` and ``vjp`` of sparsify and sparse_retrieve.
 * :class:`ReplayWithoutChunkCut`: sparse replay's gradients lack the stop-gradient at
@@ -29,6 +31,7 @@ __all__ = [
     "MrbpIgnoresTruncation",
     "Mutating",
     "NoFloat64",
+    "Float32GradientDrift",
     "ReplayWithoutChunkCut",
     "ScaledBackward",
     "ThresholdOffByOne",
@@ -47,6 +50,21 @@ class ScaledBackward(NumpyBackend):
         out, grads = super()._vjp(op, inputs, attributes, cotangent)
         if op == self.target:
             grads = tuple(None if g is None else g * self.scale for g in grads)
+        return out, grads
+
+
+class Float32GradientDrift(NumpyBackend):
+    """``op``'s gradients are ``1 + drift`` times the right ones, in float32 only."""
+
+    def __init__(self, op: str = "memory_read", drift: float = 1e-3) -> None:
+        self.target, self.drift = op, drift
+        self.name = f"mutant-float32-drift-{op}"
+
+    def _vjp(self, op: str, inputs: tuple[Any, ...], attributes: dict[str, Any], cotangent: Any):
+        out, grads = super()._vjp(op, inputs, attributes, cotangent)
+        if op == self.target and inputs[0].dtype == "float32":
+            factor = inputs[0].dtype.type(1 + self.drift)
+            grads = tuple(None if g is None else g * factor for g in grads)
         return out, grads
 
 
@@ -152,6 +170,7 @@ class NoFloat64(NumpyBackend):
 
 MUTANTS = (
     ScaledBackward,
+    Float32GradientDrift,
     ThresholdOffByOne,
     ReplayWithoutChunkCut,
     MrbpIgnoresTruncation,

@@ -7,6 +7,8 @@ For one op, dtype and device, one drawn float64 example gives four checks:
   back), within the ``forward`` tolerance of the dtype;
 * ``vjp``: the backend's gradients under random cotangents against the reference's
   hand-written backward under the same cotangents (``vjp`` tolerance);
+* in float32 both tolerances are per array, a small multiple of the reference's own
+  float32 error on the same inputs (:func:`~memcore.conformance.tolerances.reference_relative`);
 * ``preserve``: outputs and gradients have the reference's shapes, the working dtype and
   the input's device;
 * ``no_mutation``: every input, attribute array and cotangent is bit-identical after the calls.
@@ -24,7 +26,7 @@ from typing import Any
 import attrs
 import numpy as np
 from memcore.conformance.compare import Comparison, compare, failure
-from memcore.conformance.tolerances import tolerance
+from memcore.conformance.tolerances import REF32_DTYPES, Tol, reference_relative, tolerance
 
 from memcore import reference
 from memcore.errors import MemcoreError
@@ -39,6 +41,7 @@ __all__ = [
     "host",
     "op_errors",
     "op_example",
+    "reference_low",
     "to_backend",
 ]
 
@@ -157,6 +160,32 @@ def _as_tuple(spec: OpSpec, out: Any) -> tuple[Any, ...] | None:
     return (out,)
 
 
+def reference_low(
+    op: str, dtype: str, ins: Sequence[np.ndarray], attrs_: dict[str, Any], cts: Sequence[Any]
+) -> tuple[tuple[Any, ...] | None, tuple[Any, ...] | None]:
+    """The reference (numpy backend) run in ``dtype`` on the values the backend received:
+    (outputs, gradients), each None when it cannot run there."""
+    if dtype not in REF32_DTYPES:
+        return None, None
+    from memcore.backends.numpy import NumpyBackend
+
+    be, spec = NumpyBackend(), get_op(op)
+    try:
+        i = tuple(to_backend(be, x, dtype, "cpu") for x in ins)
+        a = {k: to_backend(be, v, dtype, "cpu") for k, v in attrs_.items()}
+        c = [to_backend(be, x, dtype, "cpu") for x in cts]
+        with np.errstate(all="ignore"):
+            out, grads = be.vjp(op, i, a, tuple(c) if spec.multi_output else c[0])
+    except Exception:  # noqa: BLE001 - no float32 reference: the table's tolerance applies
+        return None, None
+    grads = tuple(grads) if isinstance(grads, (tuple, list)) else (grads,)
+    return _as_tuple(spec, out), grads
+
+
+def _tol_for(low: Any, expected: np.ndarray, table: Tol) -> Tol:
+    return table if low is None else reference_relative(low, expected, table)
+
+
 # ------------------------------------------------------------------ one example
 def op_example(
     backend: Any, op: str, dtype: str, device: str, sample: Sample, rng: np.random.Generator
@@ -185,6 +214,13 @@ def op_example(
     fwd_tol = tolerance(op, dtype, "forward")
     vjp_tol = tolerance(op, dtype, "vjp")
     preserve: list[str] = []
+    cts64 = [rng.standard_normal(r.shape) for r in ref_outs]
+    cts = [to_backend(backend, c, dtype, device) for c in cts64]
+    ct_ref = [host(backend, c).astype(np.float64) for c in cts]
+    ref_grads = reference.backward(op, cache, tuple(ct_ref) if spec.multi_output else ct_ref[0])
+    low_outs, low_grads = reference_low(op, dtype, ref_in, ref_at, ct_ref)
+    low_outs = low_outs or (None,) * len(ref_outs)
+    low_grads = low_grads or (None,) * len(spec.inputs)
 
     try:
         result = backend.forward(op, *ins_f, **at_f)
@@ -198,19 +234,17 @@ def op_example(
             )
         else:
             comps = []
-            for name, o, r in zip(out_names, outs, ref_outs):
+            for name, o, r, low in zip(out_names, outs, ref_outs, low_outs):
+                tol = _tol_for(low, r, fwd_tol)
                 try:
-                    comps.append(compare(name, host(backend, o), r, fwd_tol))
+                    comps.append(compare(name, host(backend, o), r, tol))
                 except Exception as exc:  # noqa: BLE001
-                    comps.append(failure(name, f"could not convert to NumPy: {exc}", fwd_tol))
+                    comps.append(failure(name, f"could not convert to NumPy: {exc}", tol))
             out["forward"] = _from_comparisons(comps)
             preserve += _preserve(
                 backend, "forward out", outs, [r.shape for r in ref_outs], dtype, device
             )
 
-    cts64 = [rng.standard_normal(r.shape) for r in ref_outs]
-    cts = [to_backend(backend, c, dtype, device) for c in cts64]
-    ct_ref = [host(backend, c).astype(np.float64) for c in cts]
     ins_v, at_v = _converted(backend, sample, dtype, device)
     before_v = _snapshot(backend, ins_v + tuple(at_v.values()) + tuple(cts))
     try:
@@ -218,7 +252,6 @@ def op_example(
     except Exception as exc:  # noqa: BLE001
         out["vjp"] = _fail(f"vjp raised {type(exc).__name__}: {exc}")
     else:
-        ref_grads = reference.backward(op, cache, tuple(ct_ref) if spec.multi_output else ct_ref[0])
         vouts = _as_tuple(spec, vout)
         comps = []
         if vouts is None:
@@ -229,8 +262,8 @@ def op_example(
             )
         else:
             comps += [
-                compare(f"out[{n}]", host(backend, o), r, vjp_tol)
-                for n, o, r in zip(out_names, vouts, ref_outs)
+                compare(f"out[{n}]", host(backend, o), r, _tol_for(low, r, vjp_tol))
+                for n, o, r, low in zip(out_names, vouts, ref_outs, low_outs)
             ]
             preserve += _preserve(
                 backend, "vjp out", vouts, [r.shape for r in ref_outs], dtype, device
@@ -241,13 +274,11 @@ def op_example(
                 failure("grads", f"{len(grads)} gradients for {len(spec.inputs)} inputs", vjp_tol)
             )
         else:
-            for t, g, r in zip(spec.inputs, grads, ref_grads):
+            for t, g, r, low in zip(spec.inputs, grads, ref_grads, low_grads):
                 if t.differentiable:
-                    comps.append(
-                        compare(
-                            f"grad[{t.name}]", None if g is None else host(backend, g), r, vjp_tol
-                        )
-                    )
+                    actual = None if g is None else host(backend, g)
+                    tol = _tol_for(low, r, vjp_tol)
+                    comps.append(compare(f"grad[{t.name}]", actual, r, tol))
             diff = [(g, x.shape) for t, g, x in zip(spec.inputs, grads, ref_in) if t.differentiable]
             preserve += _preserve(
                 backend, "grad", [g for g, _ in diff], [s for _, s in diff], dtype, device

@@ -54,9 +54,10 @@ class Comparison:
         at = ""
         if self.where is not None:
             at = f" at {list(self.where)} (actual {self.actual_at:.9g}, expected {self.expected_at:.9g})"
+        basis = f" = {self.tol.basis}" if self.tol.basis else ""
         return (
             f"{self.name}: max abs err {self.max_abs:.3e}, max rel err {self.max_rel:.3e}{at}; "
-            f"rtol={self.tol.rtol:g}, atol={self.tol.atol:g}"
+            f"rtol={self.tol.rtol:g}, atol={self.tol.atol:.3g}{basis}"
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -72,6 +73,7 @@ class Comparison:
             "expected_at": _num(self.expected_at),
             "rtol": self.tol.rtol,
             "atol": self.tol.atol,
+            "tol_basis": self.tol.basis,
             "reason": self.reason,
         }
 

@@ -65,35 +65,42 @@ def _op_example(a: Any, b: Any, op: str, dtype: str, devs: tuple[str, str], samp
 
 
 def _result(pair: str, dev: str, dtype: str, op: str, check: str, comps: list[Comparison],
-            examples: int, message: str, seconds: float) -> CheckResult:
+            examples: int, message: str, seconds: float, labels: list[str]) -> CheckResult:
     ok = not message and all(c.ok for c in comps)
-    if not message and not ok:
-        message = next(c for c in comps if not c.ok).describe()
+    w = worst(comps)
+    example = ""
+    if not ok and w is not None and not w.ok:
+        message, example = w.describe(), labels[comps.index(w)]
     return CheckResult(
         f"{pair}-{dev}-{dtype}-{op}-{check}", pair, dev, dtype, op, check,
-        "passed" if ok else "failed", message, examples, worst(comps), "", seconds,
+        "passed" if ok else "failed", message, examples, w, example, seconds,
     )
 
 
 def cross_check(a: Any, b: Any, *, devices: tuple[str, str], dtypes: list[str], profile: str,
-                ops: list[str] | None = None, routing: bool = True) -> list[CheckResult]:
+                ops: list[str] | None = None, routing: bool = True,
+                seed: int | None = None) -> list[CheckResult]:
     """Compare backends ``a`` and ``b`` on the same draws for every op (or ``ops``) and,
-    with ``routing``, the MRBP and sparse-replay drivers."""
+    with ``routing``, the MRBP and sparse-replay drivers (``seed``: see ``runner.drive``).
+
+    Results carry ``backend`` = "a~b", the pair, which the report's first column shows."""
     pair = f"{a.name}~{b.name}"
     dev = devices[0] if devices[0] == devices[1] else f"{devices[0]}~{devices[1]}"
     results: list[CheckResult] = []
     for dtype in dtypes:
-        for op in ops or list(OPS):
-            results.append(_op_unit(a, b, op, dtype, devices, pair, dev, profile))
+        for op in list(OPS) if ops is None else ops:
+            results.append(_op_unit(a, b, op, dtype, devices, pair, dev, profile, seed))
         for step, (method, layout_strategy) in (_ROUTING.items() if routing else ()):
-            results.append(_routing_unit(a, b, step, method, layout_strategy, dtype, devices, pair, dev, profile))
+            results.append(_routing_unit(a, b, step, method, layout_strategy, dtype, devices, pair,
+                                         dev, profile, seed))
     return results
 
 
 def _op_unit(a: Any, b: Any, op: str, dtype: str, devices: tuple[str, str], pair: str, dev: str,
-             profile: str) -> CheckResult:
+             profile: str, seed: int | None = None) -> CheckResult:
     layouts, per = EXAMPLES[profile]["op"]
     comps: list[Comparison] = []
+    labels: list[str] = []
     state = {"n": 0, "msg": ""}
     start = time.perf_counter()
 
@@ -102,20 +109,24 @@ def _op_unit(a: Any, b: Any, op: str, dtype: str, devices: tuple[str, str], pair
         for k in range(per):
             sample = get_op(op).sample(np.random.default_rng(seed + k), z, "float64")
             try:
-                comps.extend(_op_example(a, b, op, dtype, devices, sample, seed + k))
+                got = _op_example(a, b, op, dtype, devices, sample, seed + k)
+                comps.extend(got)
+                labels.extend([f"{z}, seed={seed + k}"] * len(got))
             except Exception as exc:  # noqa: BLE001 - reported as the check's failure
                 state["msg"] = state["msg"] or f"{type(exc).__name__}: {exc}"
             state["n"] += 1
 
-    drive(st.tuples(sizes(), seeds), layouts, profile, body)
+    drive(st.tuples(sizes(), seeds), layouts, profile, body, seed)
     return _result(pair, dev, dtype, op, "cross_vjp", comps, int(state["n"]), str(state["msg"]),
-                   time.perf_counter() - start)
+                   time.perf_counter() - start, labels)
 
 
 def _routing_unit(a: Any, b: Any, step: str, method: str, layout_strategy: Any, dtype: str,
-                  devices: tuple[str, str], pair: str, dev: str, profile: str) -> CheckResult:
+                  devices: tuple[str, str], pair: str, dev: str, profile: str,
+                  seed: int | None = None) -> CheckResult:
     layouts, per = EXAMPLES[profile]["routing"]
     comps: list[Comparison] = []
+    labels: list[str] = []
     state = {"n": 0, "msg": ""}
     start = time.perf_counter()
     tol = _doubled(tolerance(step, dtype, "routing"))
@@ -127,11 +138,13 @@ def _routing_unit(a: Any, b: Any, step: str, method: str, layout_strategy: Any, 
             try:
                 got = call_driver(a, method, case, driver_inputs(a, case, dtype, devices[0]))
                 want = call_driver(b, method, case, driver_inputs(b, case, dtype, devices[1]))
-                comps.extend(compare_results(a, got, want, b, tol))
+                found = compare_results(a, got, want, b, tol)
+                comps.extend(found)
+                labels.extend([case.label] * len(found))
             except Exception as exc:  # noqa: BLE001
                 state["msg"] = state["msg"] or f"{type(exc).__name__}: {exc}"
             state["n"] += 1
 
-    drive(st.tuples(layout_strategy(), seeds), layouts, profile, body)
-    return _result(pair, dev, dtype, step, f"cross_{method}", comps, int(state["n"]), str(state["msg"]),
-                   time.perf_counter() - start)
+    drive(st.tuples(layout_strategy(), seeds), layouts, profile, body, seed)
+    return _result(pair, dev, dtype, step, f"cross_{method}", comps, int(state["n"]),
+                   str(state["msg"]), time.perf_counter() - start, labels)

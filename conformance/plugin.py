@@ -33,7 +33,8 @@ def pytest_addoption(parser: Any) -> None:
     group.addoption(
         "--memcore-backend",
         default=None,
-        help="backend to test: a registered name or 'pkg.mod:factory' (default numpy)",
+        help="backend to test: a registered name or 'pkg.mod:factory' (default: as memcore "
+        "verify, MEMCORE_BACKEND, then ./memcore.toml, then numpy)",
     )
     group.addoption(
         "--memcore-dtype",
@@ -52,7 +53,7 @@ def pytest_addoption(parser: Any) -> None:
     group.addoption(
         "--memcore-profile",
         default=None,
-        help="dev, ci or nightly (default $MEMCORE_HYPOTHESIS_PROFILE, else dev)",
+        help="dev, ci or nightly (default $MEMCORE_HYPOTHESIS_PROFILE, else ci, as memcore verify)",
     )
     group.addoption(
         "--memcore-no-routing",
@@ -80,13 +81,12 @@ class ConformanceSession:
     def __init__(self, config: Any) -> None:
         import pytest
         from memcore.conformance.runner import CHECK_DTYPES, pin_numerics, plan, resolve_device
-        from memcore.conformance.xfails import bundled_xfail_file, load_xfails
+        from memcore.conformance.xfails import backend_xfail_file, load_xfails
 
         from memcore.errors import MemcoreError
-        from memcore.registry import get_backend
+        from memcore.registry import get_backend, resolve_backend_name
 
         opt = config.getoption
-        self.name = opt("memcore_backend") or "numpy"
         dtypes = [d.strip() for d in (opt("memcore_dtype") or "").split(",") if d.strip()] or None
         if "jax" not in sys.modules and (dtypes is None or "float64" in dtypes):
             # JAX reads this once, at first import; without it float64 silently becomes float32.
@@ -94,7 +94,9 @@ class ConformanceSession:
         try:
             from memcore.conformance.profiles import profile_name
 
-            self.profile = profile_name(opt("memcore_profile"))
+            self.name = opt("memcore_backend") or resolve_backend_name()
+            profile = opt("memcore_profile") or os.environ.get("MEMCORE_HYPOTHESIS_PROFILE")
+            self.profile = profile_name(profile or "ci")
             self.backend = get_backend(self.name)
             self.device = resolve_device(self.backend, opt("memcore_device"))
             for d in dtypes or ():
@@ -102,13 +104,17 @@ class ConformanceSession:
                     raise MemcoreError(
                         f"`--memcore-dtype` must be among {', '.join(CHECK_DTYPES)}. Received: {d!r}"
                     )
-            self.xfail_file = opt("memcore_xfails") or bundled_xfail_file(self.backend.name)
+            self.xfail_file = opt("memcore_xfails") or backend_xfail_file(self.backend)
             self.xfails = load_xfails(self.xfail_file)
         except MemcoreError as exc:
             raise pytest.UsageError(str(exc)) from None
         # float64 and float32 by default: a device without float64 reports skips, with the reason.
         self.dtypes = dtypes or ["float64", "float32"]
         self.numerics = pin_numerics(self.backend)
+        if self.backend.name == "jax":
+            from memcore.conformance.jax_cache import enable_jax_compile_cache
+
+            enable_jax_compile_cache()
         self.units = plan(None, self.dtypes, not opt("memcore_no_routing"))
         self.json_path = opt("memcore_json")
         self._results: dict[Any, dict[str, Any]] = {}

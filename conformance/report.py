@@ -1,8 +1,10 @@
 """Reports: the terminal table, the progress bar, and the JSON record.
 
-Terminal table: one row per (op, check), one column per dtype; a cell is the status and
-the check's worst max abs error ("ok 3.2e-07", "FAIL 1.1e-02", "skip", "xfail"). Failures
-are listed under the table with the comparison that failed, where, and the example.
+Terminal table: one row per (op, check) (and per backend pair in a cross table), one
+column per dtype; a cell is the status and the largest |actual - expected| over all the
+check's examples ("ok 3.2e-07", "FAIL 1.1e-02", "skip", "xfail"), as the legend above the
+table says. Failures are listed under the table with that same worst comparison (where,
+both values, the tolerance) and the example it came from.
 
 JSON: memcore version and SPEC_VERSION, python / numpy / platform, the backend's name,
 version, device, dtypes and numerics settings (TF32, x64, matmul precision), and every
@@ -56,22 +58,26 @@ def format_table(
     ``figure`` writes a cell's number(s) after its status (default: the max abs error).
     """
     dtypes = list(dict.fromkeys(r.dtype for r in results))
-    rows = list(dict.fromkeys((r.op, r.check) for r in results))
-    by_key = {(r.op, r.check, r.dtype): r for r in results}
-    head = ["op", "check"] + dtypes
+    pairs = any("~" in r.backend for r in results)
+    rows = list(dict.fromkeys((r.backend, r.op, r.check) for r in results))
+    by_key = {(r.backend, r.op, r.check, r.dtype): r for r in results}
+    head = (["backends"] if pairs else []) + ["op", "check"] + dtypes
     body = []
-    for op, check in rows:
+    for backend, op, check in rows:
         cells = []
         for d in dtypes:
-            r = by_key.get((op, check, d))
+            r = by_key.get((backend, op, check, d))
             cells.append("" if r is None else f"{_CELL[r.status]} {figure(r)}".rstrip())
-        body.append([op, check] + cells)
+        body.append(([backend.replace("~", " vs ")] if pairs else []) + [op, check] + cells)
     widths = (
         [max(len(str(x)) for x in col) for col in zip(head, *body)]
         if body
         else [len(h) for h in head]
     )
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(head, widths)).rstrip()]
+    legend = "cells: status and max |actual - expected| over all examples (FAIL notes below)"
+    if figure is not _figure:
+        legend = "cells: status and the figures named in the title"
+    lines = [legend, "  ".join(str(c).ljust(w) for c, w in zip(head, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in body]
     notes = _notes(results)
@@ -82,7 +88,8 @@ def _notes(results: Sequence[CheckResult]) -> list[str]:
     out = []
     for r in results:
         if r.status == "failed":
-            detail = r.reason or (r.worst.describe() if r.worst else "")
+            shown = r.worst is not None and not r.worst.ok
+            detail = r.worst.describe() if shown else r.reason  # type: ignore[union-attr]
             example = f"\n      example: {r.failed_example}" if r.failed_example else ""
             out.append(f"  FAIL  {r.id}: {detail}{example}")
     skipped = [r for r in results if r.status == "skipped"]

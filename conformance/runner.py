@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
+import hypothesis
 import numpy as np
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
@@ -26,7 +27,15 @@ from memcore.conformance.hooks import dtype_skip_reason, pin_numerics, resolve_d
 from memcore.conformance.profiles import profile_name, register_profiles
 from memcore.conformance.result import CheckResult
 from memcore.conformance.routing_checks import ROUTING_CHECKS, routing_errors, routing_example
-from memcore.conformance.strategies import build_case, memformer_layouts, sab_layouts, seeds, sizes
+from memcore.conformance.strategies import (
+    build_case,
+    memformer_layouts,
+    sab_layouts,
+    scaled,
+    scales,
+    seeds,
+    sizes,
+)
 from memcore.conformance.xfails import XfailList
 from memcore.errors import MemcoreError
 from memcore.ops import OPS, get_op
@@ -72,33 +81,61 @@ def check_id(backend: str, device: str, dtype: str, op: str, check: str) -> str:
     return f"{backend}-{device}-{dtype}-{op}-{check}"
 
 
-def plan(ops: Sequence[str] | None, dtypes: Sequence[str], routing: bool) -> list[Unit]:
-    """The units to run, ops first, in registry order."""
+def plan(
+    ops: Sequence[str] | None, dtypes: Sequence[str], routing: bool | Sequence[str]
+) -> list[Unit]:
+    """The units to run, ops first, in registry order.
+
+    ``ops``: op names (None: every op). ``routing``: every routing step (True), none
+    (False), or the named steps ("memformer", "sab").
+    """
     names = list(OPS) if ops is None else [get_op(o).name for o in ops]
     units = [Unit("op", o, d, OP_CHECKS) for d in dtypes for o in names]
-    if routing:
-        units += [
-            Unit("routing", step, d, checks)
-            for d in dtypes
-            for step, checks in ROUTING_CHECKS.items()
-        ]
+    if routing is True or routing is False:
+        steps = list(ROUTING_CHECKS) if routing else []
+    else:
+        steps = list(routing)
+        for s in steps:
+            if s not in ROUTING_CHECKS:
+                raise MemcoreError(
+                    f"`routing` steps must be among {', '.join(ROUTING_CHECKS)}. Received: {s!r}"
+                )
+    units += [Unit("routing", s, d, ROUTING_CHECKS[s]) for d in dtypes for s in steps]
     return units
 
 
-def drive(strategy: st.SearchStrategy, n: int, profile: str, body: Callable[[Any], None]) -> None:
-    """Call ``body`` on ``n`` examples of ``strategy`` drawn under hypothesis profile ``profile``."""
+def drive(
+    strategy: st.SearchStrategy,
+    n: int,
+    profile: str,
+    body: Callable[[Any], None],
+    seed: int | None = None,
+) -> None:
+    """Call ``body`` on ``n`` examples of ``strategy`` drawn under hypothesis profile ``profile``.
+
+    ``seed`` fixes hypothesis's random source (the same seed draws the same examples, which
+    is how ``memcore verify --seed`` replays a run); None keeps the profile's policy (``ci``
+    is derandomized, so it always draws the same examples).
+    """
     # No exception escapes ``body``, so hypothesis neither shrinks nor stores anything:
     # it is used as the drawing engine, with the profile's seed policy.
     register_profiles()
     base = settings.get_profile(profile)
-    run = settings(base, max_examples=n, database=None, phases=(Phase.explicit, Phase.generate))(
-        given(strategy)(body)
-    )
+    extra = {} if seed is None else {"derandomize": False}
+    test = given(strategy)(body)
+    if seed is not None:
+        test = hypothesis.seed(seed)(test)
+    run = settings(
+        base, max_examples=n, database=None, phases=(Phase.explicit, Phase.generate), **extra
+    )(test)
     run()
 
 
 @attrs.define
 class _Acc:
+    """A check over its examples: the worst comparison and, on failure, the worst failing
+    example (the one whose comparison the table's cell shows, when it has values)."""
+
     ok: bool = True
     examples: int = 0
     comps: list[Comparison] = attrs.field(factory=list)
@@ -108,14 +145,21 @@ class _Acc:
     def add(self, outcome: Outcome, label: str) -> None:
         self.examples += 1
         w = worst(outcome.comparisons)
-        if w is not None:
-            self.comps = [worst(self.comps + [w])]  # type: ignore[list-item]
-        if not outcome.ok and self.ok:
+        became_worst = w is not None and (not self.comps or worst(self.comps + [w]) is w)
+        if became_worst:
+            self.comps = [w]  # type: ignore[list-item]
+        if not outcome.ok and (self.ok or became_worst):
             self.ok, self.message, self.failed_example = False, outcome.message, label
 
 
 def run_unit(
-    backend: Any, unit: Unit, *, device: str, profile: str, layouts: int | None = None
+    backend: Any,
+    unit: Unit,
+    *,
+    device: str,
+    profile: str,
+    layouts: int | None = None,
+    seed: int | None = None,
 ) -> dict[str, _Acc]:
     """Run one unit; returns an accumulator per check (internal to the runner and plugin)."""
     accs = {c: _Acc() for c in unit.checks}
@@ -136,18 +180,19 @@ def run_unit(
     if unit.kind == "op":
         spec = get_op(unit.op)
 
-        def body(example: tuple[Any, list[int]]) -> None:
-            z, values = example
-            for seed in values:
+        def body(example: tuple[Any, list[int], float]) -> None:
+            z, values, drawn_scale = example
+            for k, seed in enumerate(values):
                 rng = np.random.default_rng(seed)
-                sample = spec.sample(rng, z, "float64")
+                scale = 1.0 if k == 0 else drawn_scale  # each layout runs at unit scale too
+                sample = scaled(spec.sample(rng, z, "float64"), scale)
                 try:
                     outcomes = op_example(backend, unit.op, unit.dtype, device, sample, rng)
                 except Exception as exc:  # noqa: BLE001 - e.g. conversion failed: every check fails
                     outcomes = crashed(exc)
-                record(outcomes, f"{z}, seed={seed}")
+                record(outcomes, f"{z}, scale={scale:g}, seed={seed}")
 
-        drive(st.tuples(sizes(), drawn), layouts or n_layouts, profile, body)
+        drive(st.tuples(sizes(), drawn, scales), layouts or n_layouts, profile, body, seed)
         accs["errors"].add(
             _safe(lambda: op_errors(backend, unit.op, unit.dtype, device)), "fixed sample"
         )
@@ -164,7 +209,7 @@ def run_unit(
             record(outcomes, case.label)
 
     strategy = memformer_layouts() if unit.op == "memformer" else sab_layouts()
-    drive(st.tuples(strategy, drawn), layouts or n_layouts, profile, rbody)
+    drive(st.tuples(strategy, drawn), layouts or n_layouts, profile, rbody, seed)
     case = _fixed_case(unit.op)
     accs["errors"].add(_safe(lambda: routing_errors(backend, case, unit.dtype, device)), case.label)
     return accs
@@ -231,6 +276,7 @@ def unit_results(
     xfails: XfailList,
     layouts: int | None = None,
     skip_reason: str = "",
+    seed: int | None = None,
 ) -> list[CheckResult]:
     """The CheckResults of one unit (skipped with ``skip_reason`` when it is given)."""
     name = getattr(backend, "name", type(backend).__name__)
@@ -249,7 +295,7 @@ def unit_results(
             for c in unit.checks
         ]
     start = time.perf_counter()
-    accs = run_unit(backend, unit, device=device, profile=profile, layouts=layouts)
+    accs = run_unit(backend, unit, device=device, profile=profile, layouts=layouts, seed=seed)
     seconds = time.perf_counter() - start
     return [_result(name, device, unit, c, accs[c], seconds, xfails) for c in unit.checks]
 
@@ -261,10 +307,11 @@ def run_backend(
     dtypes: Sequence[str] | None = None,
     profile: str | None = None,
     ops: Sequence[str] | None = None,
-    routing: bool = True,
+    routing: bool | Sequence[str] = True,
     xfails: XfailList | None = None,
     layouts: int | None = None,
     progress: Callable[[int, int, Unit], None] | None = None,
+    seed: int | None = None,
 ) -> list[CheckResult]:
     """Run every unit of the plan on ``backend``; never raises for a failing check.
 
@@ -273,10 +320,11 @@ def run_backend(
         device: a device of ``backend.devices()`` (default cpu).
         dtypes: dtypes to check (default: the supported ones among float64, float32).
         profile: dev, ci or nightly (default ``$MEMCORE_HYPOTHESIS_PROFILE`` or dev).
-        ops: op names (default all); routing: include the routing steps.
+        ops: op names (default all); routing: include the routing steps (or the named ones).
         xfails: expected failures.
         layouts: override the profile's number of drawn layouts per unit (seeds per layout stay).
         progress: ``progress(done, total, unit)`` called before each unit.
+        seed: hypothesis seed of every unit's draws (None: the profile's policy).
 
     Raises:
         MemcoreError: unknown device, dtype, op or profile.
@@ -305,6 +353,7 @@ def run_backend(
             xfails=xfails,
             layouts=layouts,
             skip_reason=dtype_skip_reason(backend, device, unit.dtype),
+            seed=seed,
         )
     if progress is not None and units:
         progress(len(units), len(units), units[-1])

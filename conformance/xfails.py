@@ -10,6 +10,11 @@ A pattern matches every check id that contains it (substring). Check ids read
 ``torch-cpu-float64-memformer-mrbp_vs_ref_bptt``. A failing check that matches is reported
 ``xfailed``; a passing one ``xpassed`` (not an error: the entry may be stale). Patterns that
 match no check are warned about.
+
+Which file applies to a backend (:func:`backend_xfail_file`): ``--xfails`` when given, else
+the file the backend declares in its ``xfail_file`` attribute (how a third-party backend
+ships its own known deviations next to its code), else the bundled
+``conformance/xfails/<backend>.txt``. Files are UTF-8.
 """
 
 from __future__ import annotations
@@ -17,12 +22,21 @@ from __future__ import annotations
 import pathlib
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
 import attrs
 
 from memcore.errors import MemcoreError
 
-__all__ = ["XFAIL_DIR", "Xfail", "XfailList", "bundled_xfail_file", "load_xfails", "parse_xfails"]
+__all__ = [
+    "XFAIL_DIR",
+    "Xfail",
+    "XfailList",
+    "backend_xfail_file",
+    "bundled_xfail_file",
+    "load_xfails",
+    "parse_xfails",
+]
 
 XFAIL_DIR = pathlib.Path(__file__).parent / "xfails"
 
@@ -99,15 +113,43 @@ def bundled_xfail_file(backend_name: str) -> pathlib.Path | None:
     return path if path.is_file() else None
 
 
+def backend_xfail_file(backend: Any) -> pathlib.Path | None:
+    """The xfail file of ``backend``: its declared ``xfail_file``, else the bundled one.
+
+    Raises:
+        MemcoreError: the declared ``xfail_file`` is not a path to an existing file.
+    """
+    declared = getattr(backend, "xfail_file", None)
+    if declared is not None:
+        if not isinstance(declared, (str, pathlib.Path)) or not pathlib.Path(declared).is_file():
+            raise MemcoreError(
+                f"`xfail_file` of backend {getattr(backend, 'name', backend)!r} must be the path "
+                f"of an existing file. Received: {declared!r}"
+            )
+        return pathlib.Path(declared)
+    return bundled_xfail_file(getattr(backend, "name", ""))
+
+
 def load_xfails(path: str | pathlib.Path | None) -> XfailList:
     """Read an xfail file (None gives an empty list).
 
     Raises:
-        MemcoreError: the file does not exist or a line is malformed.
+        MemcoreError: the file does not exist, is not UTF-8 text, or a line is malformed.
     """
     if path is None:
         return XfailList()
     p = pathlib.Path(path)
     if not p.is_file():
         raise MemcoreError(f"`xfails` must be an existing file. Received: {str(p)!r}")
-    return parse_xfails(p.read_text().splitlines(), str(p))
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MemcoreError(
+            f"`xfails` must be a UTF-8 text file. Received: {str(p)!r} with byte "
+            f"{exc.object[exc.start:exc.start + 1]!r} at offset {exc.start}"
+        ) from None
+    except OSError as exc:
+        raise MemcoreError(
+            f"`xfails` must be a readable file. Received: {str(p)!r} ({exc.strerror})"
+        ) from None
+    return parse_xfails(text.splitlines(), str(p))

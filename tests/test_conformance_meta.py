@@ -49,6 +49,18 @@ def test_numpy_backend_passes_every_check():
             {(d, "memory_read", "vjp") for d in ("float64", "float32")},
         ),
         (
+            broken.Float32GradientDrift("memory_read"),
+            ["memory_read", "bmn"],
+            False,
+            {("float32", "memory_read", "vjp")},
+        ),
+        (
+            broken.Float32GradientDrift("bmn"),
+            ["bmn", "lstm_cell"],
+            False,
+            {("float32", "bmn", "vjp")},
+        ),
+        (
             broken.ThresholdOffByOne(),
             ["sab_scores", "sparsify", "sparse_retrieve"],
             False,
@@ -313,10 +325,12 @@ def test_report_json_schema(tmp_path):
 
 
 def test_table_and_progress_bar():
-    """The table has a column per dtype with status and max error; the bar draws on its stream."""
+    """The table says what its cells hold, has a column per dtype with status and max error;
+    the bar draws on its stream."""
     results = run_backend(broken.ScaledBackward("bmn"), ops=["bmn"], routing=False)
     text = report.format_table(results)
-    assert "float64" in text.splitlines()[0] and "float32" in text.splitlines()[0]
+    assert text.splitlines()[0].startswith("cells: status and max |actual - expected|")
+    assert "float64" in text.splitlines()[1] and "float32" in text.splitlines()[1]
     assert "FAIL" in text and "mutant-scaled-bmn-cpu-float64-bmn-vjp" in text
     stream = io.StringIO()
     unit = plan(["bmn"], ["float64"], False)[0]
