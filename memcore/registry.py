@@ -35,6 +35,7 @@ from typing import Any
 import attrs
 
 from memcore.errors import MemcoreError
+from memcore.extras import install_hint
 
 __all__ = [
     "BackendEntry",
@@ -176,9 +177,10 @@ def _load(target: str, label: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        hint = install_hint(label)
+        todo = f"install its extra: {hint}" if hint else "is its package installed?"
         raise MemcoreError(
-            f"Backend {label!r} could not be imported ({module_name}): {exc}. "
-            f"Install its extra, e.g. pip install 'memcore[{label}]'"
+            f"Backend {label!r} could not be imported ({module_name}): {exc}; {todo}"
         ) from None
     try:
         factory = getattr(module, attr)
@@ -211,7 +213,8 @@ def get_backend(name: str | None = None) -> Any:
         if not entry.importable():
             missing = [m for m in entry.requires if importlib.util.find_spec(m) is None]
             raise MemcoreError(
-                f"Backend {chosen!r} needs {', '.join(missing)}, which is not installed. "
+                f"Backend {chosen!r} needs {', '.join(missing)}, which is not installed "
+                f"({install_hint(chosen) or 'install the package that provides it'}). "
                 f"Available: {', '.join(available_backends())}"
             )
         instance = _load(entry.target, chosen)
