@@ -195,7 +195,9 @@ def transfer_eval(cfg: TrainConfig, backend: str, device: torch.device, T: int) 
 
         dt = getattr(torch, cfg.run.dtype)
         p = {k: torch.as_tensor(v, dtype=dt, device=device) for k, v in params.items()}
-        run = lambda: fast_torch.evaluate(cfg, p, T=T, dtype=cfg.run.dtype, device=str(device))  # noqa: E731
+        run = lambda: fast_torch.evaluate(  # noqa: E731
+            cfg, p, T=T, dtype=cfg.run.dtype, device=str(device)
+        )
     t0 = time.perf_counter()
     metrics = run()
     _sync(device)
@@ -281,9 +283,11 @@ def goals(rows: dict[str, Any]) -> dict[str, Any]:
         ratio = None if a is None or b is None else a / b
         out[key] = {"ratio": ratio, "goal": goal, "met": None if ratio is None else ratio >= goal}
         if ratio is not None:
-            out["lines"].append(f"{num} / {den} = {a:.2f} / {b:.2f} = {ratio:.3f}x (goal >= {goal}x)")
+            line = f"{num} / {den} = {a:.2f} / {b:.2f} = {ratio:.3f}x (goal >= {goal}x)"
+            out["lines"].append(line)
     sec = rows.get("transfer_eval", {}).get("seconds")
-    out["transfer_eval_s"] = {"seconds": sec, "goal": 10.0, "met": None if sec is None else sec < 10}
+    met = None if sec is None else sec < 10.0
+    out["transfer_eval_s"] = {"seconds": sec, "goal": 10.0, "met": met}
     if sec is not None:
         out["lines"].append(f"transfer_eval {sec:.2f} s (goal < 10 s)")
     return out

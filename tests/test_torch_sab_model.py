@@ -11,6 +11,7 @@ from torch.utils._pytree import tree_map
 
 from memcore import MemcoreError, SABConfig
 from memcore.backends.torch import cells, sab_model
+from memcore.backends.torch.sab_core import flat_state
 from memcore.backends.torch.sab_model import chunk_starts, hidden, with_hidden
 from memcore.routing_types import Loss
 
@@ -75,7 +76,7 @@ def _same_result(a, b, what):
     assert abs(a.loss - b.loss) <= RTOL * abs(b.loss) + ATOL, what
     for k in b.grads:
         _close(a.grads[k], b.grads[k], f"{what} grads[{k}]")
-    for x, y in zip(sab_model._flat(a.d_state0), sab_model._flat(b.d_state0)):
+    for x, y in zip(flat_state(a.d_state0), flat_state(b.d_state0)):
         _close(x, y, f"{what} d_state0")
 
 
@@ -106,13 +107,13 @@ def test_replay_equals_sab_bptt_and_naive_truncated_graph(kind, cfg):
     s0 = tree_map(lambda x: x.clone().requires_grad_(True), state0)
     cuts = set(chunk_starts(T, cfg.k_trunc)) - {1}
     total = _naive_loss(cell, P, xs, s0, targets, cfg, cuts, weights)
-    leaves = list(P.values()) + sab_model._flat(s0)
+    leaves = list(P.values()) + flat_state(s0)
     grads = torch.autograd.grad(total, leaves, allow_unused=True)
     total_value = float(total.detach())
     assert abs(replay.loss - total_value) <= 1e-10 * abs(total_value)
     for (k, v), g in zip(P.items(), grads):
         _close(replay.grads[k], torch.zeros_like(v) if g is None else g, f"naive grads[{k}]")
-    for d, g in zip(sab_model._flat(replay.d_state0), grads[len(P) :]):
+    for d, g in zip(flat_state(replay.d_state0), grads[len(P) :]):
         _close(d, g, "naive d_state0")
 
 
@@ -284,7 +285,8 @@ def test_cuda_graph_step_equals_eager_step(method):
     params = init_params(config, np.random.default_rng(0))
     runs = {}
     for graph in (False, True):
-        step = TrainStep(config, params, adam_init(params), dtype="float64", device="cuda", graph=graph)
+        opt = adam_init(params)
+        step = TrainStep(config, params, opt, dtype="float64", device="cuda", graph=graph)
         losses = []
         for i in range(3):
             batch = make_batch(config.task, batch_rng(0, STREAM_TRAIN, i), 3)

@@ -79,7 +79,9 @@ def gru(params: Mapping[str, torch.Tensor], x_t: torch.Tensor, h: torch.Tensor) 
     return h_hat, h_hat
 
 
-def sab_readout(params: Mapping[str, torch.Tensor], h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def sab_readout(
+    params: Mapping[str, torch.Tensor], h: torch.Tensor, s: torch.Tensor
+) -> torch.Tensor:
     """y = h v1 + s v2 + b_y (SAB Alg. 1 line 10): h, s (..., Hd) -> (..., O)."""
     return h @ params["v1"] + s @ params["v2"] + params["b_y"]
 

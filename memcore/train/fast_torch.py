@@ -315,7 +315,8 @@ def train_fast(
     try:
         with tr._threads(setup.backend, run.threads):
             for step in range(start, end):
-                batch = make_batch(config.task, batch_rng(run.seed, STREAM_TRAIN, step), run.batch_size)
+                rng = batch_rng(run.seed, STREAM_TRAIN, step)
+                batch = make_batch(config.task, rng, run.batch_size)
                 done = step + 1
                 logged = done % run.log_every == 0 or done == run.steps
                 if logged:  # accuracy of the parameters that produced this loss, on this batch
