@@ -282,3 +282,36 @@ def test_graph_rollout_logic_with_stand_in_graphs(monkeypatch, stash, k, mark):
     model.zero_grad(set_to_none=True)  # put back, zeroed, by the next call
     out = runner(model.init_memory(B), segs)
     assert_close(grads(model), {n: 0.5 * g for n, g in want.items()})
+
+
+@pytest.mark.parametrize("k", [None, 2])
+def test_keep_blocks_skips_the_replay_forward_of_marked_blocks(k):
+    """keep_blocks: the replay returns the forward's block outputs (each marked block runs
+    in the forward and in its backward only) and the gradient is still BPTT's."""
+    model, segs = Stacked(mark=True), data(12)
+    _, _, want = _reference(model, segs, truncate_every=k)
+    calls_a, calls_b = _counting(model.a.ffn), _counting(model.b.ffn)
+    out = mrbp(model, model.init_memory(B), segs, advance=model.advance, recompute=[model.b],
+               keep_blocks=True, stash="host", truncate_every=k)  # fmt: skip
+    assert_close(grads(model), want)
+    assert calls_a["forward"] == 2 * T and calls_b["forward"] == 2 * T
+    assert out.loss.dim() == 0
+
+
+def test_keep_blocks_in_the_graphed_rollout_with_stand_in_graphs(monkeypatch):
+    """keep_blocks with graph=True: the blocks' static buffers travel through the stash."""
+    monkeypatch.setattr(_mrbp_graphs, "GRAPH_DEVICE", "cpu")
+    monkeypatch.setattr(_mrbp_graphs, "_capture", _stand_in_capture)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    model, segs = Stacked(mark=True), data(13)
+    _, _, want = _reference(model, segs)
+    runner = MRBP(model, advance=model.advance, graph=True, keep_blocks=True, stash="host")
+    runner(model.init_memory(B), segs)
+    assert_close(grads(model), want)
+
+
+def test_keep_blocks_rejects_horizon():
+    """keep_blocks with a horizon is rejected (kept blocks accumulate per traversal)."""
+    with pytest.raises(MemcoreError, match="`keep_blocks` is not supported with a horizon"):
+        MRBP(Stacked(), keep_blocks=True, horizon=2)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from memcore.backends.torch import _mrbp_blocks as blocks
 from memcore.backends.torch._mrbp_tree import (
     Segments,
     check_next_memory,
@@ -24,7 +25,7 @@ from memcore.backends.torch._mrbp_tree import (
 from memcore.backends.torch.stash import MemoryStash
 from memcore.errors import MemcoreError
 
-__all__ = ["Options", "forward_memories", "replay"]
+__all__ = ["Options", "forward_memories", "replay", "stored_entries"]
 
 
 class Options:
@@ -38,10 +39,20 @@ class Options:
         horizon: int | None,
         loss_scale: float,
         ddp: Any,
-        replaying: Callable[[], Any],
+        modules: tuple[Any, ...],
+        keep_blocks: bool,
     ) -> None:
         self.stash, self.truncate_every, self.horizon = stash, truncate_every, horizon
-        self.loss_scale, self.ddp, self.replaying = loss_scale, ddp, replaying
+        self.loss_scale, self.ddp = loss_scale, ddp
+        self.modules, self.keep_blocks = modules, keep_blocks
+
+    def replaying(self, stored: list[Any] | None = None) -> Any:
+        """The replayed segment's context (markers recompute, or use ``stored`` outputs)."""
+        return blocks.replaying(self.modules, stored)
+
+    def recording(self) -> Any:
+        """A no-grad segment's context: yields the Phase recording the marked blocks, or None."""
+        return blocks.recording(self.keep_blocks, self.modules)
 
     def cut(self, t: int) -> bool:
         """True when gradient stops at the memory entering segment t (truncate_every)."""
@@ -55,17 +66,40 @@ def accumulator(loss: torch.Tensor) -> torch.Tensor:
 
 
 def forward_memories(
-    advance: Callable[[Any, Any], Any], memory0: Any, segments: Segments, store: MemoryStash
-) -> Any:
-    """No-grad forward: pushes M_1..M_{T-1} into ``store``; returns M_T (detached leaves)."""
+    advance: Callable[[Any, Any], Any],
+    memory0: Any,
+    segments: Segments,
+    store: MemoryStash,
+    opts: Options,
+) -> tuple[Any, list[list[tuple[Any, Any, int]]]]:
+    """No-grad forward: pushes M_1..M_{T-1} (and, with keep_blocks, each segment's marked
+    block outputs after its memory) into ``store``.
+
+    Returns:
+        (M_T with detached leaves, per segment the recorded blocks' (key, spec, leaves)).
+    """
     memory = pytree.tree_map(lambda x: x.detach(), memory0)
+    recorded: list[list[tuple[Any, Any, int]]] = []
     with torch.no_grad():
         for t in range(len(segments)):
             if t > 0:
                 store.push_tree(memory)
-            memory = advance(memory, segments[t])
+            with opts.recording() as phase:
+                memory = advance(memory, segments[t])
             check_next_memory(memory, t, "advance")
-    return pytree.tree_map(lambda x: x.detach(), memory)
+            if phase is not None:
+                store.push_tree([x for _, _, leaves in phase.record for x in leaves])
+                recorded.append([(k, spec, len(leaves)) for k, spec, leaves in phase.record])
+    return pytree.tree_map(lambda x: x.detach(), memory), recorded
+
+
+def stored_entries(meta: list[tuple[Any, Any, int]], leaves: list[torch.Tensor]) -> list:
+    """The recorded (key, spec, outputs) of one segment from its popped leaves."""
+    out, i = [], 0
+    for key, spec, n in meta:
+        out.append((key, spec, leaves[i : i + n]))
+        i += n
+    return out
 
 
 def _sum(trees: Sequence[list[torch.Tensor | None]]) -> list[torch.Tensor | None] | None:
@@ -101,6 +135,7 @@ def replay(
     memory0: Any,
     segments: Segments,
     store: MemoryStash,
+    recorded: list[list[tuple[Any, Any, int]]],
     opts: Options,
 ) -> torch.Tensor:
     """Replays segments T-1..0, back-propagating each; returns loss_scale * sum_t loss_t (0-d).
@@ -118,6 +153,7 @@ def replay(
     for t in reversed(range(T)):
         # Does any cotangent leave segment t through the memory entering it?
         feeds = t > 0 and not opts.cut(t) and (h is None or h >= 2)
+        stored = stored_entries(recorded[t], store.pop_tree()) if recorded else None
         if t == 0:
             memory = memory0
         else:
@@ -127,7 +163,7 @@ def replay(
         in_leaves, _ = flatten_memory(memory, "memory0")
         sync = opts.ddp.no_sync() if opts.ddp is not None and t > 0 else contextlib.nullcontext()
         with sync:
-            with opts.replaying():
+            with opts.replaying(stored):
                 loss, next_memory = unpack_step(step(memory, segments[t]), t)
             out_leaves, _ = check_next_memory(next_memory, t, "step")
             live = [s for s in streams if s[0] <= t + (h or T) - 1]

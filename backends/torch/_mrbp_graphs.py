@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from memcore.backends.torch._mrbp_eager import stored_entries
 from memcore.backends.torch._mrbp_tree import (
     Segments,
     check_next_memory,
@@ -184,16 +185,16 @@ class GraphedSegment:
     """The advance and the replayed backward of one segment shape, captured as CUDA graphs.
 
     Args:
-        step, advance: the user's functions; replaying: a context factory that marks the
-            replayed step (per-block recompute); memory0, segment0: example values, which
-            also fix the static shapes; pool: a CUDA graph memory pool handle.
+        step, advance: the user's functions; opts: the rollout options (the replay and
+            recording contexts of the marked blocks); memory0, segment0: example values,
+            which also fix the static shapes; pool: a CUDA graph memory pool handle.
     """
 
-    def __init__(self, step, advance, replaying, memory0, segment0, pool) -> None:
+    def __init__(self, step, advance, opts, memory0, segment0, pool) -> None:
         m_leaves, self.m_spec = flatten_memory(memory0, "memory0")
         s_leaves, self.s_spec = pytree.tree_flatten(segment0)
         self.device = m_leaves[0].device
-        self.step, self.advance, self.replaying = step, advance, replaying
+        self.step, self.advance, self.opts = step, advance, opts
         self.amp = lambda: _amp_context(self.device)
         with torch.no_grad():
             self.memory = [
@@ -205,7 +206,18 @@ class GraphedSegment:
                 x.grad = torch.zeros_like(x)
         self.d_memory = [torch.zeros_like(x) if x.requires_grad else None for x in self.memory]
         mine = {id(x) for x in self.memory}
-        with torch.enable_grad(), self.amp(), self.replaying():
+        # Static buffers for the marked blocks' outputs (keep_blocks), shaped by one recording.
+        self.meta: list[tuple[Any, Any, int]] = []
+        self.blocks: list[torch.Tensor] = []
+        if opts.keep_blocks:
+            memory = self._tree(self.memory, self.m_spec)
+            segment = self._tree(self.segment, self.s_spec)
+            with torch.no_grad(), self.amp(), opts.recording() as phase:
+                self.advance(memory, segment)
+            self.meta = [(k, spec, len(leaves)) for k, spec, leaves in phase.record]
+            self.blocks = [x.clone() for _, _, leaves in phase.record for x in leaves]
+        # The parameters are found on the plain replay (checkpointed blocks keep their graph).
+        with torch.enable_grad(), self.amp(), opts.replaying():
             loss, nxt = unpack_step(self._step(), 0)
         outs, _ = check_next_memory(nxt, 0, "step")
         self._check_outputs(outs, "step")
@@ -242,19 +254,29 @@ class GraphedSegment:
                 )
 
     def _advance(self) -> list[torch.Tensor]:
-        with torch.no_grad(), self.amp():
+        with torch.no_grad(), self.amp(), self.opts.recording() as phase:
             out = self.advance(
                 self._tree(self.memory, self.m_spec), self._tree(self.segment, self.s_spec)
             )
         leaves, _ = check_next_memory(out, 0, "advance")
         self._check_outputs(leaves, "advance")
-        return leaves
+        if phase is None:
+            return leaves
+        blocks = [x for _, _, xs in phase.record for x in xs]
+        meta = [(k, spec, len(xs)) for k, spec, xs in phase.record]
+        if meta != self.meta or [b.shape for b in blocks] != [b.shape for b in self.blocks]:
+            raise MemcoreError(
+                "keep_blocks with graph=True needs `advance` to record the same marked blocks "
+                f"every segment. Received: {len(meta)} blocks for {len(self.meta)}"
+            )
+        return leaves + blocks
 
     def _backward(self) -> None:
         for x in self.memory:
             if x.grad is not None:
                 x.grad.zero_()
-        with torch.enable_grad(), self.amp(), self.replaying():
+        stored = stored_entries(self.meta, self.blocks) if self.opts.keep_blocks else None
+        with torch.enable_grad(), self.amp(), self.opts.replaying(stored):
             loss, nxt = unpack_step(self._step(), 0)
         outs, _ = check_next_memory(nxt, 0, "step")
         pairs = [(o, d.to(o.dtype)) for o, d in zip(outs, self.d_memory)
@@ -272,35 +294,41 @@ class GraphedSegment:
                 if isinstance(d, torch.Tensor):
                     d.copy_(s)
 
-    def run(self, memory0: Any, segments: Segments, where: str, cut, loss_scale: float):
+    def run(self, memory0: Any, segments: Segments, opts: Any):
         """One rollout: returns (loss_scale * sum_t loss_t (0-d), M_T leaves, dM_0 leaves)."""
         self.slots.check()
         self.loss_acc.zero_()
-        self.scale.fill_(loss_scale)
-        T = len(segments)
-        store = MemoryStash(where)
+        self.scale.fill_(opts.loss_scale)
+        T, n = len(segments), len(self.memory)
+        store = MemoryStash(opts.stash)
         self._load(self.memory, memory0)
         with torch.no_grad():
             for t in range(T):
                 self._load(self.segment, segments[t])
                 self.g_adv.replay()
-                if t < T - 1:  # the graph's output buffer is overwritten next replay: a copy
-                    store.push_tree([o.clone() for o in self.adv_out])
-                    self._load(self.memory, self.adv_out)
+                # The graph's output buffers are overwritten next replay: copies. The
+                # blocks of segment t go in after M_t (pushed one replay earlier).
+                if opts.keep_blocks:
+                    store.push_tree([o.clone() for o in self.adv_out[n:]])
+                if t < T - 1:
+                    store.push_tree([o.clone() for o in self.adv_out[:n]])
+                    self._load(self.memory, self.adv_out[:n])
         for d in self.d_memory:
             if d is not None:
                 d.zero_()
         for t in reversed(range(T)):
             self._load(self.segment, segments[t])
+            if opts.keep_blocks:
+                self._load(self.blocks, store.pop_tree())
             self._load(self.memory, memory0 if t == 0 else store.pop_tree())
             self.g_bwd.replay()
             if t > 0:
                 for d, x in zip(self.d_memory, self.memory):
                     if d is not None:
-                        d.zero_() if cut(t) else d.copy_(x.grad)
+                        d.zero_() if opts.cut(t) else d.copy_(x.grad)
         # M_T waited in the advance graph's output buffer, which the backward graph (captured
         # while that buffer was alive) never writes: copied only now, it costs no peak memory.
         with torch.no_grad():
-            final = [o.clone() for o in self.adv_out]
+            final = [o.clone() for o in self.adv_out[:n]]
         d0 = [x.grad if x.requires_grad else None for x in self.memory]
-        return self.loss_acc * loss_scale, final, d0
+        return self.loss_acc * opts.loss_scale, final, d0

@@ -25,19 +25,16 @@ as the step takes them.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
 import math
 import numbers
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
-from torch.utils.checkpoint import checkpoint
 
+from memcore.backends.torch._mrbp_blocks import recompute
 from memcore.backends.torch._mrbp_eager import Options, forward_memories, replay
 from memcore.backends.torch._mrbp_graphs import GraphedSegment, signature
 from memcore.backends.torch._mrbp_tree import Segments, flatten_memory
@@ -46,51 +43,12 @@ from memcore.errors import MemcoreError
 
 __all__ = ["MRBP", "MRBPOutput", "mrbp", "recompute"]
 
-_REPLAYING: contextvars.ContextVar[bool] = contextvars.ContextVar("mrbp_replaying", default=False)
-
-
 class MRBPOutput(NamedTuple):
     """loss: L = loss_scale * sum_t loss_t, 0-d and detached (no host sync); memory: M_T,
     detached, in the memory's pytree structure, for the next rollout."""
 
     loss: torch.Tensor
     memory: Any
-
-
-def recompute(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``; inside MRBP's replayed segment, recomputed in its backward.
-
-    Mark a block of your step with ``x = recompute(layer, x, memory)``. Everywhere else
-    (the no-grad forward, plain autograd, BPTT) it is the plain call. In the replayed
-    segment (with grad) it runs through ``torch.utils.checkpoint`` (non-reentrant, without
-    RNG preservation, which would be illegal inside a CUDA graph): only the block's inputs
-    are saved, and its forward runs again during the backward, so one block's graph is
-    alive at a time. Gradients are unchanged.
-    """
-    if _REPLAYING.get() and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
-    return fn(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def _replaying(modules: tuple[nn.Module, ...]) -> Iterator[None]:
-    """Marks the replayed segment; ``modules`` run through :func:`recompute` meanwhile."""
-    token = _REPLAYING.set(True)
-    patched = []
-    try:
-        for m in modules:
-            had = "forward" in m.__dict__
-            original = m.forward
-            m.forward = functools.partial(recompute, original)
-            patched.append((m, had, original))
-        yield
-    finally:
-        for m, had, original in reversed(patched):
-            if had:
-                m.forward = original
-            else:
-                del m.forward
-        _REPLAYING.reset(token)
 
 
 def _ddp_type() -> Any:
@@ -127,6 +85,7 @@ class MRBP:
         loss_scale: float = 1.0,
         ddp: Any = None,
         recompute: Iterable[nn.Module] = (),
+        keep_blocks: bool = False,
     ) -> None:
         if not callable(step):
             raise MemcoreError(f"`step` must be callable. Received: {type(step).__name__}")
@@ -163,6 +122,12 @@ class MRBP:
                 "change in number along the rollout). Received: horizon="
                 f"{horizon}, graph=True; use graph=False or truncate_every"
             )
+        if keep_blocks and (horizon is not None or ddp is not None):
+            raise MemcoreError(
+                "`keep_blocks` is not supported with a horizon or DDP (a kept block's backward "
+                "accumulates its parameters' gradient itself, once per traversal). Received: "
+                f"keep_blocks=True, horizon={horizon}, ddp={type(ddp).__name__}"
+            )
         if graph and ddp is not None:
             raise MemcoreError(
                 "`ddp` is not supported with graph=True (DDP's reducer cannot run inside a "
@@ -177,7 +142,8 @@ class MRBP:
             horizon=horizon,
             loss_scale=float(loss_scale),
             ddp=ddp,
-            replaying=lambda: _replaying(modules),
+            modules=modules,
+            keep_blocks=bool(keep_blocks),
         )
         self._graphs: dict[Any, GraphedSegment] = {}
         self._pool: Any = None
@@ -195,7 +161,7 @@ class MRBP:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             self._graphs[key] = GraphedSegment(
-                self.step, self.advance, self.opts.replaying, memory0, segments[0], self._pool
+                self.step, self.advance, self.opts, memory0, segments[0], self._pool
             )
         return self._graphs[key]
 
@@ -211,16 +177,14 @@ class MRBP:
         segs = Segments(segments)
         if self.graph:
             runner = self._graphed(memory0, segs)
-            loss, final, d0 = runner.run(
-                memory0, segs, self.opts.stash, self.opts.cut, self.opts.loss_scale
-            )
+            loss, final, d0 = runner.run(memory0, segs, self.opts)
             pairs = [(x, d) for x, d in zip(leaves, d0) if d is not None and x.requires_grad]
             if pairs:  # dM_0 through memory0's own graph (e.g. init_memory from v_bias)
                 torch.autograd.backward([x for x, _ in pairs], [d for _, d in pairs])
             return MRBPOutput(loss, pytree.tree_unflatten(final, spec))
         store = MemoryStash(self.opts.stash)
-        final = forward_memories(self.advance, memory0, segs, store)
-        loss = replay(self.step, memory0, segs, store, self.opts)
+        final, blocks = forward_memories(self.advance, memory0, segs, store, self.opts)
+        loss = replay(self.step, memory0, segs, store, blocks, self.opts)
         return MRBPOutput(loss, final)
 
 
@@ -237,6 +201,7 @@ def mrbp(
     loss_scale: float = 1.0,
     ddp: Any = None,
     recompute: Iterable[nn.Module] = (),
+    keep_blocks: bool = False,
 ) -> MRBPOutput:
     """One MRBP rollout of ``step`` over T segments; dL/dparam accumulates into ``.grad``.
 
@@ -269,6 +234,12 @@ def mrbp(
         ddp: a DistributedDataParallel the step runs: segments T-1..1 replay under its
             ``no_sync()``, so gradients are all-reduced once, in segment 0's backward.
         recompute: modules whose forward runs through :func:`recompute` in the replay.
+        keep_blocks: the no-grad forward records the outputs of the blocks marked with
+            :func:`recompute` (or listed in ``recompute``) and stashes them with the
+            memories; the replay then returns them instead of running those blocks, whose
+            backward still recomputes them. One forward of the marked blocks less per
+            segment, for their outputs' bytes in the stash. ``advance`` must make the same
+            marked calls on the same inputs as ``step``, in the same order, first.
 
     Returns:
         MRBPOutput(loss, memory=M_T).
@@ -283,5 +254,6 @@ def mrbp(
         loss_scale=loss_scale,
         ddp=ddp,
         recompute=recompute,
+        keep_blocks=keep_blocks,
     )
     return runner(memory0, segments)
