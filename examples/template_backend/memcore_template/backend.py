@@ -13,6 +13,7 @@ What each part is for (docs/porting.md has the full contract):
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,6 +48,9 @@ class TemplateBackend(BackendBase):
 
     name = "template"
     version = "0.1.0"
+    # Known deviations ship with the backend: `memcore verify` and the pytest plugin read
+    # this file unless --xfails is given (one check-id pattern per line, then `# reason`).
+    xfail_file = pathlib.Path(__file__).with_name("xfails.txt")
 
     # ------------------------------------------------------------------ devices
     def devices(self) -> tuple[str, ...]:
