@@ -50,6 +50,17 @@ class Run:
     memory: list[np.ndarray]
 
 
+def window_start(t: int, truncate_every: int | None, horizon: int | None) -> int:
+    """w_t: the first segment loss t back-propagates through (docs/semantics.md R.4b).
+
+    w_t = max(t - h + 1, the last cut <= t), 0 when neither applies; a cut is a segment
+    t > 0 with t % truncate_every == 0. The memory entering segment w_t is a constant for
+    loss t, except M_0 (w_t = 0), which is ``memory0`` itself.
+    """
+    cut = (t // truncate_every) * truncate_every if truncate_every else 0
+    return max(cut, t - horizon + 1 if horizon else 0, 0)
+
+
 @attrs.frozen(kw_only=True)
 class ModelCheck:
     """What ``memcore verify --model pkg.mod:factory`` expects ``factory()`` to return.
@@ -65,6 +76,7 @@ class ModelCheck:
     params: Any = None
     framework: str = "torch"
     truncate_every: int | None = None
+    horizon: int | None = None
     torch: Any = None
     jax: Any = None
     param_map: Mapping[str, Any] | None = None
@@ -254,20 +266,15 @@ def _unpack(value: Any, names: tuple[str, ...], required: int, label: str) -> di
     )
 
 
-def _run(framework: str, args: dict[str, Any], truncate_every: int | None) -> tuple[Run, Run, str]:
+def _run(framework: str, args: dict[str, Any], cuts: dict[str, int | None]) -> tuple[Run, Run, str]:
     if framework == "torch":
         from memcore.backends.torch.check_mrbp import run_both
 
-        return run_both(
-            args["step"], args["memory0"], args["segments"],
-            params=args.get("params"), truncate_every=truncate_every,
-        )
+        a = args
+        return run_both(a["step"], a["memory0"], a["segments"], params=a.get("params"), **cuts)
     from memcore.backends.jax.check_mrbp import run_both as run_jax
 
-    return run_jax(
-        args["step"], args.get("params"), args["memory0"], args["segments"],
-        truncate_every=truncate_every,
-    )
+    return run_jax(args["step"], args.get("params"), args["memory0"], args["segments"], **cuts)
 
 
 def check_mrbp(
@@ -278,6 +285,7 @@ def check_mrbp(
     params: Any = None,
     framework: str = "torch",
     truncate_every: int | None = None,
+    horizon: int | None = None,
     rtol: float = 1e-10,
     atol: float | None = None,
     torch: Any = None,
@@ -310,6 +318,9 @@ def check_mrbp(
         framework: "torch" or "jax".
         truncate_every: k: stop-gradient on the memory entering segment t when
             t % k == 0, t > 0, in both MRBP and BPTT.
+        horizon: h: loss t back-propagates through segments w_t..t only, w_t =
+            max(t - h + 1, the last cut <= t) (docs/semantics.md R.4b); BPTT then runs
+            each loss's window from its cut memory (T * h steps).
         rtol, atol: an element passes when |mrbp - bptt| <= atol + rtol |bptt|
             (default atol = rtol / 100).
         torch: (step, memory0, segments[, params]) for the torch-vs-JAX form.
@@ -326,10 +337,10 @@ def check_mrbp(
         MemcoreError: bad arguments, a model that cannot run in float64, or JAX without x64.
     """
     tol = _tol(rtol, atol)
-    if truncate_every is not None and (
-        not isinstance(truncate_every, int) or isinstance(truncate_every, bool) or truncate_every < 1
-    ):
-        raise MemcoreError(f"`truncate_every` must be None or an integer >= 1. Received: {truncate_every!r}")
+    for name, value in (("truncate_every", truncate_every), ("horizon", horizon)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise MemcoreError(f"`{name}` must be None or an integer >= 1. Received: {name}={value!r}")
+    cuts = {"truncate_every": truncate_every, "horizon": horizon}
     given: dict[str, dict[str, Any]] = {}
     if torch is not None or jax is not None:
         if step is not None or memory0 is not None or segments is not None or params is not None:
@@ -353,7 +364,7 @@ def check_mrbp(
         given[framework] = {"step": step, "memory0": memory0, "segments": segments, "params": params}
     results, runs, where = [], {}, []
     for fw, args in given.items():
-        bptt, mrbp, device = _run(fw, args, truncate_every)
+        bptt, mrbp, device = _run(fw, args, cuts)
         runs[fw] = mrbp
         results += _rows(fw, device, f"{fw}:mrbp-vs-bptt", _mrbp_vs_bptt(bptt, mrbp, tol))
         where.append(f"{fw} {_version(fw)} on {device}")
@@ -362,8 +373,9 @@ def check_mrbp(
         results += _rows("torch-vs-jax", "cpu", "torch-vs-jax:mrbp", comps)
     header = (
         f"check_mrbp: MRBP vs BPTT in float64 | {'; '.join(where)} | "
-        f"truncate_every={truncate_every}\n"
-        f"cells: status, max abs err, max rel err; pass when |err| <= {tol.atol:g} + {tol.rtol:g} |value|"
+        f"truncate_every={truncate_every} | horizon={horizon}\n"
+        f"figures: abs = max |mrbp - bptt| (or |jax - torch|), rel = max relative error; "
+        f"pass when |err| <= {tol.atol:g} + {tol.rtol:g} |value|"
     )
     return _report(results, header)
 

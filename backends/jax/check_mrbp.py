@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memcore.check_model import Run
+from memcore.check_model import Run, window_start
 from memcore.errors import MemcoreError
 
-__all__ = ["param_names", "require_x64", "run_both"]
+__all__ = ["param_names", "require_x64", "run_both", "segment_count"]
 
 
 def require_x64() -> None:
@@ -68,18 +68,31 @@ def segment_count(segments: Any) -> int:
     return sizes.pop()
 
 
-def _bptt(step, params, memory0, segments, truncate_every) -> Run:
+def _bptt(step, params, memory0, segments, truncate_every, horizon) -> Run:
     T = segment_count(segments)
+    segs = [jax.tree_util.tree_map(lambda x, t=t: x[t], segments) for t in range(T)]
 
     def total(p):
-        m = memory0(p) if callable(memory0) else memory0
-        acc = 0.0
+        m0 = memory0(p) if callable(memory0) else memory0
+        losses = []
+        if horizon is None:  # one unroll, cut where truncate_every says
+            m = m0
+            for t in range(T):
+                if truncate_every is not None and t > 0 and t % truncate_every == 0:
+                    m = jax.lax.stop_gradient(m)
+                loss_t, m = step(p, m, segs[t])
+                losses.append(loss_t)
+            return sum(losses), m
+        ms = [m0]  # the definition itself: loss t through its own window, from a cut memory
         for t in range(T):
-            if truncate_every is not None and t > 0 and t % truncate_every == 0:
-                m = jax.lax.stop_gradient(m)
-            loss_t, m = step(p, m, jax.tree_util.tree_map(lambda x: x[t], segments))
-            acc = acc + loss_t
-        return acc, m
+            ms.append(step(p, ms[-1], segs[t])[1])
+        for t in range(T):
+            w = window_start(t, truncate_every, horizon)
+            m = m0 if w == 0 else jax.lax.stop_gradient(ms[w])
+            for s in range(w, t + 1):
+                loss_t, m = step(p, m, segs[s])
+            losses.append(loss_t)
+        return sum(losses), jax.lax.stop_gradient(ms[T])
 
     (loss, m), grads = jax.value_and_grad(total, has_aux=True)(params)
     return Run(float(loss), _numpy_by_name(grads), _numpy_by_name(params), _memory_leaves(m))
@@ -98,6 +111,7 @@ def run_both(
     segments: Any,
     *,
     truncate_every: int | None = None,
+    horizon: int | None = None,
     mrbp: Callable | None = None,
 ) -> tuple[Run, Run, str]:
     """(BPTT run, MRBP run, device) of ``step`` in float64; see :func:`memcore.check_mrbp`.
@@ -108,6 +122,7 @@ def run_both(
         memory0: a pytree of arrays, or ``memory0(params) -> memory``.
         segments: a pytree of arrays with a leading T axis.
         truncate_every: k: stop-gradient on the memory entering segment t when t % k == 0, t > 0.
+        horizon: h: loss t back-propagates through segments w_t..t only (docs/semantics.md R.4b).
         mrbp: the MRBP driver (default: the library's).
     """
     require_x64()
@@ -121,8 +136,11 @@ def run_both(
     p64 = _to64(params)
     m0 = memory0 if callable(memory0) else _to64(memory0)
     segs = _to64(segments)
-    bptt = _bptt(step, p64, m0, segs, truncate_every)
-    loss, grads, memory = (mrbp or _default_mrbp())(step, p64, m0, segs, truncate_every=truncate_every)
+    bptt = _bptt(step, p64, m0, segs, truncate_every, horizon)
+    driver = mrbp or _default_mrbp()
+    loss, grads, memory = driver(
+        step, p64, m0, segs, truncate_every=truncate_every, horizon=horizon
+    )
     out = Run(float(loss), _numpy_by_name(grads), _numpy_by_name(p64), _memory_leaves(memory))
     devices = {str(d) for x in jax.tree_util.tree_leaves(p64) for d in x.devices()}
     return bptt, out, ",".join(sorted(devices)) or "cpu"

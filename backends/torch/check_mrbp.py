@@ -13,6 +13,7 @@ as NumPy arrays for :mod:`memcore.check_model` to compare.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from memcore.check_model import Run
+from memcore.check_model import Run, window_start
 from memcore.errors import MemcoreError
 
 __all__ = ["prepare", "run_both", "split_segments"]
@@ -109,23 +110,11 @@ def prepare(step: Any, params: Any) -> tuple[Callable, Any, dict[str, torch.Tens
 
 
 def split_segments(segments: Any) -> list[Any]:
-    """A list of per-segment pytrees from a list of them or a pytree with a leading T axis."""
-    if isinstance(segments, list):
-        return list(segments)
-    leaves = pytree.tree_leaves(segments)
-    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-    if not tensors or any(x.dim() == 0 for x in tensors):
-        raise MemcoreError(
-            "`segments` must be a list of per-segment pytrees or a pytree of tensors with a "
-            f"leading T axis. Received: {type(segments).__name__} with {len(tensors)} tensors"
-        )
-    T = tensors[0].shape[0]
-    if any(x.shape[0] != T for x in tensors):
-        raise MemcoreError(
-            "`segments` tensors must share their leading T axis. "
-            f"Received: leading sizes {sorted({x.shape[0] for x in tensors})}"
-        )
-    return [pytree.tree_map(lambda x: x[t] if isinstance(x, torch.Tensor) else x, segments) for t in range(T)]
+    """Segment t for each t, as :func:`~memcore.backends.torch.mrbp_model.mrbp` reads them."""
+    from memcore.backends.torch._mrbp_tree import Segments
+
+    seq = Segments(segments)
+    return [seq[t] for t in range(len(seq))]
 
 
 def _memory_leaves(m: Any) -> list[np.ndarray]:
@@ -136,16 +125,34 @@ def _memory0(memory0: Any, owner: Any) -> Any:
     return memory0(owner) if callable(memory0) and not isinstance(memory0, torch.Tensor) else memory0
 
 
-def _bptt(step, memory0, owner, segs, named, truncate_every) -> Run:
-    m = _memory0(memory0, owner)
-    total = None
-    for t, seg in enumerate(segs):
-        if truncate_every is not None and t > 0 and t % truncate_every == 0:
-            m = pytree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, m)
-        loss_t, m = step(m, seg)
-        total = loss_t if total is None else total + loss_t
-    if total is None:
-        raise MemcoreError("`segments` must hold at least one segment. Received: 0 segments")
+def _detach(tree: Any) -> Any:
+    return pytree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def _bptt(step, memory0, owner, segs, named, truncate_every, horizon) -> Run:
+    m0 = _memory0(memory0, owner)
+    T = len(segs)
+    if horizon is None:  # one unroll, cut where truncate_every says
+        m, losses = m0, []
+        for t, seg in enumerate(segs):
+            if truncate_every is not None and t > 0 and t % truncate_every == 0:
+                m = _detach(m)
+            loss_t, m = step(m, seg)
+            losses.append(loss_t)
+    else:  # the definition itself: loss t through its own window, from a cut memory
+        with torch.no_grad():
+            ms = [m0]
+            for seg in segs:
+                ms.append(step(ms[-1], seg)[1])
+        losses = []
+        for t in range(T):
+            w = window_start(t, truncate_every, horizon)
+            m = m0 if w == 0 else _detach(ms[w])
+            for s in range(w, t + 1):
+                loss_t, m = step(m, segs[s])
+            losses.append(loss_t)
+        m = ms[T]
+    total = functools.reduce(lambda a, b: a + b, losses)
     names = list(named)
     grads = torch.autograd.grad(total, [named[n] for n in names], allow_unused=True)
     return Run(
@@ -156,12 +163,14 @@ def _bptt(step, memory0, owner, segs, named, truncate_every) -> Run:
     )
 
 
-def _mrbp(mrbp, step, memory0, owner, segs, named, truncate_every, borrowed) -> Run:
+def _mrbp(mrbp, step, memory0, owner, segs, named, truncate_every, horizon, borrowed) -> Run:
     saved = {n: p.grad for n, p in named.items()} if borrowed else {}
     try:
         for p in named.values():
             p.grad = None
-        out = mrbp(step, _memory0(memory0, owner), segs, truncate_every=truncate_every)
+        out = mrbp(
+            step, _memory0(memory0, owner), segs, truncate_every=truncate_every, horizon=horizon
+        )
         loss, memory = out[0], out[1]
         grads = {
             n: _numpy(p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in named.items()
@@ -185,6 +194,7 @@ def run_both(
     *,
     params: Any = None,
     truncate_every: int | None = None,
+    horizon: int | None = None,
     mrbp: Callable | None = None,
 ) -> tuple[Run, Run, str]:
     """(BPTT run, MRBP run, device) of ``step`` in float64; see :func:`memcore.check_mrbp`.
@@ -197,12 +207,16 @@ def run_both(
         segments: a list of per-segment pytrees, or a pytree with a leading T axis.
         params: None for an nn.Module step; the float64 parameters of a function step.
         truncate_every: k: stop-gradient on the memory entering segment t when t % k == 0, t > 0.
+        horizon: h: loss t back-propagates through segments w_t..t only (docs/semantics.md R.4b).
         mrbp: the MRBP driver (default: the library's).
     """
     step64, owner, named, borrowed = prepare(step, params)
     m0 = memory0 if callable(memory0) and not isinstance(memory0, torch.Tensor) else _to64(memory0)
     segs = [_to64(s) for s in split_segments(segments)]
     devices = {p.device for p in named.values()}
-    bptt = _bptt(step64, m0, owner, segs, named, truncate_every)
-    out = _mrbp(mrbp or _default_mrbp(), step64, m0, owner, segs, named, truncate_every, borrowed)
+    if not segs:
+        raise MemcoreError("`segments` must hold T >= 1 segments. Received: T=0")
+    bptt = _bptt(step64, m0, owner, segs, named, truncate_every, horizon)
+    driver = mrbp or _default_mrbp()
+    out = _mrbp(driver, step64, m0, owner, segs, named, truncate_every, horizon, borrowed)
     return bptt, out, ",".join(sorted(str(d) for d in devices)) or "cpu"
