@@ -63,6 +63,16 @@ class MemoryReader(nn.Module):
     def __init__(
         self, dim: int, num_heads: int = 1, *, dtype: Any = None, device: Any = None
     ) -> None:
+        """Create wq, wk, wv, wo (D, D), each U(+-1/sqrt(D)).
+
+        Args:
+            dim: D, the token and slot width.
+            num_heads: H, attention heads; must divide D.
+            dtype, device: of the parameters (torch's defaults when None).
+
+        Raises:
+            MemcoreError: dim or num_heads below 1, or H not dividing D.
+        """
         super().__init__()
         MemoryConfig(slots=1, dim=dim, heads=num_heads)  # validates dim and heads
         self.dim, self.num_heads = dim, num_heads
@@ -74,6 +84,10 @@ class MemoryReader(nn.Module):
         ins = (x, memory, self.wq, self.wk, self.wv, self.wo)
         _check("memory_read", ins, {"num_heads": self.num_heads})
         return memory_read(*ins, num_heads=self.num_heads)
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(reader)``: ``dim=D, num_heads=H``."""
+        return f"dim={self.dim}, num_heads={self.num_heads}"
 
 
 class MemoryWriter(nn.Module):
@@ -96,6 +110,18 @@ class MemoryWriter(nn.Module):
         dtype: Any = None,
         device: Any = None,
     ) -> None:
+        """Create wq, wk, wv (D, D) and v_bias (K, D), each U(+-1/sqrt(D)).
+
+        Args:
+            slots: K, memory slots.
+            dim: D, the slot and token width.
+            num_heads: H, attention heads; must divide D.
+            tau: write temperature in (0, 1]; logits are divided by sqrt(D/H) * tau (Eq. 7).
+            dtype, device: of the parameters (torch's defaults when None).
+
+        Raises:
+            MemcoreError: a size below 1, H not dividing D, or tau outside (0, 1].
+        """
         super().__init__()
         self.config = MemoryConfig(slots=slots, dim=dim, heads=num_heads, tau=tau)
         for name in ("wq", "wk", "wv"):
@@ -114,6 +140,11 @@ class MemoryWriter(nn.Module):
         at = {"num_heads": self.config.heads, "tau": self.config.tau, "token_mask": token_mask}
         _check("memory_write", ins, at)
         return memory_write(*ins, **at)
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(writer)``: ``slots=K, dim=D, num_heads=H, tau=tau``."""
+        c = self.config
+        return f"slots={c.slots}, dim={c.dim}, num_heads={c.heads}, tau={c.tau}"
 
     def init_memory(self, batch_size: int) -> torch.Tensor:
         """M_0 = normalize(v_bias) for ``batch_size`` examples: (B, K, D), differentiable."""
@@ -250,6 +281,20 @@ class SABCell(nn.Module):
         dtype: Any = None,
         device: Any = None,
     ) -> None:
+        """Create the LSTM, scorer and output parameters (shapes in the class docstring).
+
+        Args:
+            input_size: I, the width of x_t.
+            hidden_size: Hd, the LSTM width.
+            output_size: O, the width of y_t.
+            scorer_width: A, the width of the attention scorer.
+            config: a memcore.SABConfig (k_top, k_att, k_trunc, eps, stop-gradient switches).
+            truncate: cut (h, c) at chunk boundaries while grad is on (see the class).
+            dtype, device: of the parameters (torch's defaults when None).
+
+        Raises:
+            MemcoreError: ``config`` is not a SABConfig.
+        """
         super().__init__()
         if not isinstance(config, SABConfig):
             raise MemcoreError(
@@ -271,6 +316,17 @@ class SABCell(nn.Module):
         return {
             n: getattr(self, n) for n in ("lstm_w", "lstm_b", "w1", "w2", "w3", "v1", "v2", "b_y")
         }
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(cell)``: sizes (I, Hd, O, A), k_top, k_att, k_trunc, truncate."""
+        hd = self.lstm_b.shape[0] // 4
+        c = self.config
+        return (
+            f"input_size={self.lstm_w.shape[0] - hd}, hidden_size={hd}, "
+            f"output_size={self.b_y.shape[0]}, "
+            f"scorer_width={self.w3.shape[0]}, k_top={c.k_top}, k_att={c.k_att}, "
+            f"k_trunc={c.k_trunc}, truncate={self.truncate}"
+        )
 
     def initial_state(self, h0: torch.Tensor, c0: torch.Tensor | None = None) -> SABState:
         """State before step 1 from h0 (B, Hd) and c0 (default zeros); h0 may be a memory."""
