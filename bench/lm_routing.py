@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from memcore.backends.torch._mrbp_graphs import capture_graph
 from memcore.backends.torch.mrbp_model import MRBP
+from memcore.backends.torch.mrbp_model import recompute as mark
 
 from bench.lm_model import MemformerLM
 
@@ -79,12 +80,15 @@ def checkpointed(model: MemformerLM, tokens: torch.Tensor, targets: torch.Tensor
     return total.detach()
 
 
-RECOMPUTE = ("none", "layers", "lean")
+RECOMPUTE = ("none", "layers", "lean", "keep")
 """Per-block recompute inside MRBP's replayed segment: ``none``; ``layers``: every block
 (each encoder layer, the head + loss in token chunks, the write: the model's
 ``recompute="replay"``); ``lean``: the same but the write, whose backward runs first in the
 replay (its saved tensors are freed before any other block is recomputed), so recomputing
-it would cost a forward of the write and save no peak memory."""
+it would cost a forward of the write and save no peak memory; ``keep``: ``lean`` with the
+library's ``keep_blocks``: the no-grad forward records the encoder layers' outputs (4 x
+(B, L, D) per segment, stashed with the memory), and the replay runs no layer forward: each
+layer runs once in the forward and once in its backward, as under BPTT with checkpoints."""
 
 
 def lm_step(model: MemformerLM, amp=None, recompute: str = "none"):
@@ -96,11 +100,22 @@ def lm_step(model: MemformerLM, amp=None, recompute: str = "none"):
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
 
+    def encode(tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        if recompute != "keep":
+            return model.encode(tokens, memory, "replay")
+        # The layers marked in the advance too, so that it records their outputs (the
+        # model's own encode marks them only while grad is on). No input validation: the
+        # model validated on its first call.
+        x = model.emb(tokens)
+        for layer in model.layers:
+            x = mark(layer, x, memory, False)
+        return x
+
     def step(memory: torch.Tensor, segment: dict[str, torch.Tensor]):
         tokens, targets = segment["tokens"], segment["targets"]
         with _amp(tokens.device, amp, cache=False):
-            if recompute == "lean":
-                x = model.encode(tokens, memory, "replay")
+            if recompute in ("lean", "keep"):
+                x = encode(tokens, memory)
                 if not torch.is_grad_enabled():
                     return model._head_loss(x, targets), model.write(memory, x)
                 loss = model._head_loss_chunked("replay", x, targets)
@@ -108,8 +123,11 @@ def lm_step(model: MemformerLM, amp=None, recompute: str = "none"):
             return model.segment_loss(tokens, targets, memory, recompute == "layers" and "replay")
 
     def advance(memory: torch.Tensor, segment: dict[str, torch.Tensor]) -> torch.Tensor:
-        with _amp(segment["tokens"].device, amp, cache=False):
-            return model.advance(segment["tokens"], memory)
+        tokens = segment["tokens"]
+        with _amp(tokens.device, amp, cache=False):
+            if recompute == "keep":
+                return model.write(memory, encode(tokens, memory))
+            return model.advance(tokens, memory)
 
     return step, advance
 
@@ -131,7 +149,8 @@ def mrbp(
     """MRBP (Memformer Alg. 1) through the library's eager driver; returns L (0-d)."""
     T, B = tokens.shape[:2]
     step, advance = lm_step(model, amp, recompute)
-    runner = MRBP(step, advance=advance, stash=stash, loss_scale=1.0 / T)
+    runner = MRBP(step, advance=advance, stash=stash, loss_scale=1.0 / T,
+                  keep_blocks=recompute == "keep")  # fmt: skip
     segments = {"tokens": tokens, "targets": targets}
     return runner(_m0(model, B, tokens.device, amp), segments).loss
 
@@ -146,7 +165,8 @@ def graphed_mrbp(
     """
     T, B = tokens.shape[:2]
     step, advance = lm_step(model, amp, recompute)
-    runner = MRBP(step, advance=advance, stash=stash, graph=True, loss_scale=1.0 / T)
+    runner = MRBP(step, advance=advance, stash=stash, graph=True, loss_scale=1.0 / T,
+                  keep_blocks=recompute == "keep")  # fmt: skip
     segments = {"tokens": tokens, "targets": targets}
     runner.capture(_m0(model, B, tokens.device, amp), segments)
     return lambda: runner(_m0(model, B, tokens.device, amp), segments).loss

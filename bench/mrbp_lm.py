@@ -55,10 +55,12 @@ OPTIONS = {
     "host": ("stash", "host"),
     "layers": ("recompute", "layers"),
     "lean": ("recompute", "lean"),
+    "keep": ("recompute", "keep"),
 }
 """MRBP method suffixes (the library's ``mrbp`` options): ``mrbp+host`` offloads the stored
 memories to pinned host memory (``stash="host"``); ``mrbp+layers`` recomputes each block of
-the replayed segment in its backward; ``mrbp+lean`` every block but the write (see
+the replayed segment in its backward; ``mrbp+lean`` every block but the write; ``mrbp+keep``
+the same with the layers' outputs kept from the no-grad forward (``keep_blocks``; see
 ``bench.lm_routing.RECOMPUTE``). They combine (``mrbp_graph+host+lean``)."""
 
 
@@ -70,8 +72,8 @@ def parse_method(name: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"unknown method {name!r}: expected one of {sorted(known)}, options "
                          f"+{' +'.join(OPTIONS)} on the mrbp methods only")  # fmt: skip
     bad = [o for o in opts if o not in OPTIONS]
-    if "layers" in opts and "lean" in opts:
-        bad.append("layers with lean")
+    if sum(o in ("layers", "lean", "keep") for o in opts) > 1:
+        bad.append("more than one of layers, lean, keep")
     if bad:
         raise ValueError(f"unknown option(s) {bad} in {name!r}: expected {sorted(OPTIONS)}")
     return base, dict(OPTIONS[o] for o in opts)

@@ -67,7 +67,12 @@ def test_lm_mrbp_and_checkpoint_match_bptt_gradients():
 
 @pytest.mark.parametrize(
     "opts",
-    [{"recompute": "layers"}, {"stash": "host"}, {"stash": "host", "recompute": "lean"}],
+    [
+        {"recompute": "layers"},
+        {"stash": "host"},
+        {"stash": "host", "recompute": "lean"},
+        {"stash": "host", "recompute": "keep"},
+    ],
 )
 def test_lm_mrbp_options_keep_the_bptt_gradient(opts):
     """Offloading the memories and recomputing blocks inside a segment (the library's MRBP

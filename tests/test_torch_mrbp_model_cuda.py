@@ -106,8 +106,9 @@ def test_graph_rejects_a_memory_that_widens():
         MRBP(step, graph=True)(m0, segs)
 
 
-def test_lm_graphed_mrbp_matches_bptt_in_float32():
-    """The bench LM through the library's graphed MRBP (+host, lean recompute) vs BPTT, fp32."""
+@pytest.mark.parametrize("recompute", ["layers", "lean", "keep"])
+def test_lm_graphed_mrbp_matches_bptt_in_float32(recompute):
+    """The bench LM through the library's graphed MRBP (+host, recompute modes) vs BPTT, fp32."""
     import pathlib
     import sys
 
@@ -127,7 +128,7 @@ def test_lm_graphed_mrbp_matches_bptt_in_float32():
         lm_bptt(model, tokens, targets)
         want = [p.grad.clone() for p in model.parameters()]
         model.zero_grad(set_to_none=False)
-        graphed_mrbp(model, tokens, targets, stash="host", recompute="lean")()
+        graphed_mrbp(model, tokens, targets, stash="host", recompute=recompute)()
         assert rel_error([p.grad for p in model.parameters()], want) < 1e-5
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
