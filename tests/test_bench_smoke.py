@@ -122,6 +122,7 @@ def test_parse_method(name, base, opts):
     "name", ["mrbp+disk", "bptt+host", "mrbpp", "checkpoint+layers", "mrbp+layers+lean"]
 )
 def test_parse_method_rejects_unknown_names(name):
+    """Unknown methods, unknown options and clashing recompute options are rejected."""
     with pytest.raises(ValueError, match="unknown"):
         mrbp_lm.parse_method(name)
 

@@ -50,6 +50,24 @@ def test_stash_errors_name_the_argument():
         MemoryStash().pop()
 
 
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_stash_keeps_pytrees(where):
+    """push_tree/pop_tree keep a pytree memory's structure, newest first."""
+    stash = MemoryStash(where)
+    a = {"a": torch.ones(2), "b": (torch.zeros(3), torch.full((1,), 2.0))}
+    b = {"a": torch.full((2,), 5.0), "b": (torch.ones(3), torch.zeros(1))}
+    stash.push_tree(a)
+    stash.push_tree(b)
+    for want in (b, a):
+        got = stash.pop_tree()
+        assert set(got) == {"a", "b"} and isinstance(got["b"], tuple)
+        assert torch.equal(got["a"], want["a"]) and torch.equal(got["b"][1], want["b"][1])
+    with pytest.raises(MemcoreError, match="pop_tree needs an earlier push_tree"):
+        stash.pop_tree()
+    with pytest.raises(MemcoreError, match="leaves are all torch.Tensors.*float"):
+        stash.push_tree({"a": 1.0})
+
+
 def test_stash_detaches():
     x = torch.randn(2, requires_grad=True)
     stash = MemoryStash()
