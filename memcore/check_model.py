@@ -28,7 +28,16 @@ import numpy as np
 
 from memcore.errors import MemcoreError
 
-__all__ = ["MRBPReport", "ModelCheck", "Run", "check_mrbp", "load_model_check", "run_model_check"]
+__all__ = [
+    "MRBPReport",
+    "ModelCheck",
+    "Run",
+    "check_mrbp",
+    "load_model_check",
+    "run_model_check",
+    "verify_model",
+    "window_start",
+]
 
 FRAMEWORKS = ("torch", "jax")
 
@@ -416,3 +425,31 @@ def load_model_check(target: str) -> ModelCheck:
 def run_model_check(check: ModelCheck) -> MRBPReport:
     """:func:`check_mrbp` with a :class:`ModelCheck`'s fields as its arguments."""
     return check_mrbp(**attrs.asdict(check, recurse=False))
+
+
+def verify_model(target: str, json_path: str | None = None) -> int:
+    """``memcore verify --model pkg.mod:factory [--json PATH]``: print the report, return
+    0 (passed), 1 (failed) or 2 (bad input: one line on stderr, never a traceback)."""
+    # Before the user's module imports jax: without it float64 is silently float32.
+    os.environ.setdefault("JAX_ENABLE_X64", "1")
+
+    def usage(message: str) -> int:
+        print(f"memcore verify: error: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        result = run_model_check(load_model_check(target))
+    except MemcoreError as exc:
+        return usage(str(exc))
+    except Exception as exc:  # noqa: BLE001 - the user's factory or step failed: one line
+        return usage(f"`--model` {target} raised {type(exc).__name__}: {exc}")
+    print(result.text)
+    if json_path:
+        from memcore.conformance.report import write_json
+
+        try:
+            write_json(json_path, result.to_json())
+        except OSError as exc:
+            return usage(f"`--json` must be a writable file path. Received: {json_path!r} ({exc})")
+        print(f"\nJSON report: {json_path}")
+    return 0 if result.passed else 1

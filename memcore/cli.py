@@ -134,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "backends":
         return _backends_command(args)
     if args.command == "verify":
+        if args.model is not None:  # check_mrbp on the user's model (docs/models.md)
+            from memcore.check_model import verify_model
+
+            return verify_model(args.model, args.json)
         from memcore.verify_cli import verify
 
         return verify(args, argv)
