@@ -53,7 +53,7 @@ def pytest_addoption(parser: Any) -> None:
     group.addoption(
         "--memcore-profile",
         default=None,
-        help="dev, ci or nightly (default $MEMCORE_HYPOTHESIS_PROFILE, else ci, as memcore verify)",
+        help="dev, ci or nightly (default $MEMCORE_HYPOTHESIS_PROFILE, else ci, as in verify)",
     )
     group.addoption(
         "--memcore-no-routing",
