@@ -8,17 +8,16 @@ gradients. The report has the conformance suite's format (:mod:`memcore.conforma
 one row per (comparison, quantity), a float64 column, and each row's max abs and max rel
 error.
 
-``memcore verify --model pkg.mod:factory`` runs the same check from the command line;
-``factory()`` returns a :class:`ModelCheck` (or a dict of :func:`check_mrbp`'s arguments).
+``memcore verify --model pkg.mod:factory`` runs the same check from the command line
+(:mod:`memcore.verify_model`); ``factory()`` returns a :class:`ModelCheck` (or a dict of
+:func:`check_mrbp`'s arguments).
 
 Nothing here imports torch or jax until a check runs.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,9 +32,6 @@ __all__ = [
     "ModelCheck",
     "Run",
     "check_mrbp",
-    "load_model_check",
-    "run_model_check",
-    "verify_model",
     "window_start",
 ]
 
@@ -111,8 +107,9 @@ class MRBPReport:
 
     def errors(self) -> dict[str, tuple[float, float]]:
         """(max abs err, max rel err) per row, keyed "op/check"."""
+        none = (math.inf, math.inf)
         return {
-            f"{r.op}/{r.check}": (r.worst.max_abs, r.worst.max_rel) if r.worst else (math.inf, math.inf)
+            f"{r.op}/{r.check}": (r.worst.max_abs, r.worst.max_rel) if r.worst else none
             for r in self.results
         }
 
@@ -169,7 +166,10 @@ def _memory_comps(actual: Run, expected: Run, tol: Any) -> list[Any]:
     if len(a) != len(e):
         return [failure("memory", f"{len(a)} memory leaves != expected {len(e)}", tol)]
     many = len(e) > 1
-    return [compare(f"memory[{i}]" if many else "memory", x, y, tol) for i, (x, y) in enumerate(zip(a, e))]
+    return [
+        compare(f"memory[{i}]" if many else "memory", x, y, tol)
+        for i, (x, y) in enumerate(zip(a, e))
+    ]
 
 
 def _mrbp_vs_bptt(bptt: Run, mrbp: Run, tol: Any) -> list[Any]:
@@ -200,8 +200,9 @@ def _mapping(param_map: Mapping[str, Any] | None, torch_run: Run) -> dict[str, t
             out[t] = (str(target[0]), target[1])
         else:
             raise MemcoreError(
-                "`param_map` values must be a JAX parameter name or (name, fn) with fn mapping the "
-                f"torch array to the JAX layout (e.g. np.transpose). Received: param_map[{t!r}]={target!r}"
+                "`param_map` values must be a JAX parameter name or (name, fn) with fn mapping "
+                "the torch array to the JAX layout (e.g. np.transpose). "
+                f"Received: param_map[{t!r}]={target!r}"
             )
     return out
 
@@ -215,24 +216,24 @@ def _torch_vs_jax(t: Run, j: Run, param_map: Mapping[str, Any] | None, tol: Any)
     for tname, (jname, fn) in mapping.items():
         label = f"grad[{tname}]" if tname == jname else f"grad[{tname} -> {jname}]"
         if tname not in t.grads:
-            comps.append(failure(label, f"no torch parameter {tname!r} (torch has {sorted(t.grads)})", tol))
+            why = f"no torch parameter {tname!r} (torch has {sorted(t.grads)})"
+            comps.append(failure(label, why, tol))
             continue
         if jname not in j.grads:
-            comps.append(
-                failure(label, f"no JAX parameter {jname!r} (JAX has {sorted(j.grads)}); pass param_map", tol)
-            )
+            why = f"no JAX parameter {jname!r} (JAX has {sorted(j.grads)}); pass param_map"
+            comps.append(failure(label, why, tol))
             continue
         layout = fn if fn is not None else (lambda x: x)
         value = compare("value", j.values[jname], np.asarray(layout(t.values[tname])), tol)
         if not value.ok:
             why = value.reason or f"max abs err {value.max_abs:.1e}"
-            comps.append(
-                failure(label, f"parameter values differ ({why}): start both models from the same weights", tol)
-            )
+            why = f"parameter values differ ({why}): start both models from the same weights"
+            comps.append(failure(label, why, tol))
             continue
         comps.append(compare(label, j.grads[jname], np.asarray(layout(t.grads[tname])), tol))
     for jname in sorted(set(j.grads) - {v[0] for v in mapping.values()}):
-        comps.append(failure(f"grad[{jname}]", "JAX parameter with no torch counterpart in param_map", tol))
+        why = "JAX parameter with no torch counterpart in param_map"
+        comps.append(failure(f"grad[{jname}]", why, tol))
     return comps
 
 
@@ -347,8 +348,11 @@ def check_mrbp(
     """
     tol = _tol(rtol, atol)
     for name, value in (("truncate_every", truncate_every), ("horizon", horizon)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise MemcoreError(f"`{name}` must be None or an integer >= 1. Received: {name}={value!r}")
+        count = isinstance(value, int) and not isinstance(value, bool)
+        if value is not None and not (count and value >= 1):
+            raise MemcoreError(
+                f"`{name}` must be None or an integer >= 1. Received: {name}={value!r}"
+            )
     cuts = {"truncate_every": truncate_every, "horizon": horizon}
     given: dict[str, dict[str, Any]] = {}
     if torch is not None or jax is not None:
@@ -363,14 +367,16 @@ def check_mrbp(
             given["jax"] = _unpack(jax, ("step", "params", "memory0", "segments"), 4, "jax")
     else:
         if framework not in FRAMEWORKS:
-            raise MemcoreError(f"`framework` must be one of {', '.join(FRAMEWORKS)}. Received: {framework!r}")
+            raise MemcoreError(
+                f"`framework` must be one of {', '.join(FRAMEWORKS)}. Received: {framework!r}"
+            )
         if step is None or memory0 is None or segments is None:
             raise MemcoreError(
                 "`step`, `memory0` and `segments` must be given. Received: "
                 f"step={type(step).__name__}, memory0={type(memory0).__name__}, "
                 f"segments={type(segments).__name__}"
             )
-        given[framework] = {"step": step, "memory0": memory0, "segments": segments, "params": params}
+        given[framework] = dict(step=step, memory0=memory0, segments=segments, params=params)
     results, runs, where = [], {}, []
     for fw, args in given.items():
         bptt, mrbp, device = _run(fw, args, cuts)
@@ -387,69 +393,3 @@ def check_mrbp(
         f"pass when |err| <= {tol.atol:g} + {tol.rtol:g} |value|"
     )
     return _report(results, header)
-
-
-def load_model_check(target: str) -> ModelCheck:
-    """Import ``"pkg.mod:factory"`` (the current directory is searched too) and call it.
-
-    ``factory()`` must return a :class:`ModelCheck` or a dict of its fields.
-    """
-    module_name, _, attr = str(target).partition(":")
-    if not module_name or not attr:
-        raise MemcoreError(f"`--model` must be 'package.module:factory'. Received: {target!r}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())  # like `python -m`: your own module, where you stand
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise MemcoreError(f"`--model` module {module_name!r} could not be imported. Received: {exc}") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise MemcoreError(
-            f"`--model` factory {attr!r} must be a callable in module {module_name!r}. "
-            f"Received: {type(factory).__name__}"
-        )
-    made = factory()
-    if isinstance(made, ModelCheck):
-        return made
-    fields = {f.name for f in attrs.fields(ModelCheck)}
-    if isinstance(made, Mapping) and set(made) <= fields:
-        return ModelCheck(**made)
-    got = f"dict with keys {sorted(made)}" if isinstance(made, Mapping) else type(made).__name__
-    raise MemcoreError(
-        f"`--model` factory {target!r} must return a memcore.ModelCheck or a dict with keys among "
-        f"{', '.join(sorted(fields))}. Received: {got}"
-    )
-
-
-def run_model_check(check: ModelCheck) -> MRBPReport:
-    """:func:`check_mrbp` with a :class:`ModelCheck`'s fields as its arguments."""
-    return check_mrbp(**attrs.asdict(check, recurse=False))
-
-
-def verify_model(target: str, json_path: str | None = None) -> int:
-    """``memcore verify --model pkg.mod:factory [--json PATH]``: print the report, return
-    0 (passed), 1 (failed) or 2 (bad input: one line on stderr, never a traceback)."""
-    # Before the user's module imports jax: without it float64 is silently float32.
-    os.environ.setdefault("JAX_ENABLE_X64", "1")
-
-    def usage(message: str) -> int:
-        print(f"memcore verify: error: {message}", file=sys.stderr)
-        return 2
-
-    try:
-        result = run_model_check(load_model_check(target))
-    except MemcoreError as exc:
-        return usage(str(exc))
-    except Exception as exc:  # noqa: BLE001 - the user's factory or step failed: one line
-        return usage(f"`--model` {target} raised {type(exc).__name__}: {exc}")
-    print(result.text)
-    if json_path:
-        from memcore.conformance.report import write_json
-
-        try:
-            write_json(json_path, result.to_json())
-        except OSError as exc:
-            return usage(f"`--json` must be a writable file path. Received: {json_path!r} ({exc})")
-        print(f"\nJSON report: {json_path}")
-    return 0 if result.passed else 1

@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _backends_command(args)
     if args.command == "verify":
         if args.model is not None:  # check_mrbp on the user's model (docs/models.md)
-            from memcore.check_model import verify_model
+            from memcore.verify_model import verify_model
 
             return verify_model(args.model, args.json)
         from memcore.verify_cli import verify

@@ -132,7 +132,9 @@ def run_both(
             f"Received: {type(step).__name__}"
         )
     if params is None:
-        raise MemcoreError("`params` must be given for framework='jax' (a pytree of arrays). Received: None")
+        raise MemcoreError(
+            "`params` must be given for framework='jax' (a pytree of arrays). Received: None"
+        )
     p64 = _to64(params)
     m0 = memory0 if callable(memory0) else _to64(memory0)
     segs = _to64(segments)

@@ -75,13 +75,15 @@ def prepare(step: Any, params: Any) -> tuple[Callable, Any, dict[str, torch.Tens
             model = copy.deepcopy(step).to(torch.float64)
         except (TypeError, RuntimeError) as exc:
             raise MemcoreError(
-                f"`step` must be copyable to float64 on its device. Received: {type(exc).__name__}: {exc}"
+                "`step` must be copyable to float64 on its device. "
+                f"Received: {type(exc).__name__}: {exc}"
             ) from None
         named = _named_params(model)
         return model, model, named, False
     if not callable(step):
         raise MemcoreError(
-            f"`step` must be a callable step(memory, segment) -> (loss, next_memory) or an nn.Module. "
+            "`step` must be a callable step(memory, segment) -> (loss, next_memory) "
+            "or an nn.Module. "
             f"Received: {type(step).__name__}"
         )
     if params is None:
@@ -98,9 +100,10 @@ def prepare(step: Any, params: Any) -> tuple[Callable, Any, dict[str, torch.Tens
                 else type(p).__name__
             )
             raise MemcoreError(
-                f"`params` must be float64 leaf tensors when `step` is a plain function (memcore cannot "
-                "cast a function's closure without changing your tensors; pass an nn.Module as `step` "
-                f"or build the parameters in float64). Received: params[{name!r}] {got}"
+                "`params` must be float64 leaf tensors when `step` is a plain function "
+                "(memcore cannot cast a function's closure without changing your tensors; pass "
+                "an nn.Module as `step` or build the parameters in float64). "
+                f"Received: params[{name!r}] {got}"
             )
         if not p.requires_grad:
             raise MemcoreError(
@@ -122,7 +125,8 @@ def _memory_leaves(m: Any) -> list[np.ndarray]:
 
 
 def _memory0(memory0: Any, owner: Any) -> Any:
-    return memory0(owner) if callable(memory0) and not isinstance(memory0, torch.Tensor) else memory0
+    built = callable(memory0) and not isinstance(memory0, torch.Tensor)
+    return memory0(owner) if built else memory0
 
 
 def _detach(tree: Any) -> Any:
@@ -157,7 +161,7 @@ def _bptt(step, memory0, owner, segs, named, truncate_every, horizon) -> Run:
     grads = torch.autograd.grad(total, [named[n] for n in names], allow_unused=True)
     return Run(
         float(total.detach()),
-        {n: _numpy(g if g is not None else torch.zeros_like(named[n])) for n, g in zip(names, grads)},
+        {n: _numpy(torch.zeros_like(named[n]) if g is None else g) for n, g in zip(names, grads)},
         {n: _numpy(named[n]) for n in names},
         _memory_leaves(m),
     )
@@ -173,7 +177,8 @@ def _mrbp(mrbp, step, memory0, owner, segs, named, truncate_every, horizon, borr
         )
         loss, memory = out[0], out[1]
         grads = {
-            n: _numpy(p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in named.items()
+            n: _numpy(torch.zeros_like(p) if p.grad is None else p.grad)
+            for n, p in named.items()
         }
     finally:
         for n, g in saved.items():
