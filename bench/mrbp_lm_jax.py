@@ -1,31 +1,27 @@
-"""MRBP vs BPTT vs per-step checkpointing on the Memformer-lite LM, in JAX (issue 7, bench 1).
+"""MRBP vs BPTT vs per-segment checkpointing on the Memformer LM, in JAX (issues 7 and 13).
 
     python -m bench.mrbp_lm_jax --T 8,32 --precision fp32,bf16 --out bench/results/mrbp-lm-jax-h200.json
 
-The same LM as ``bench/lm_model.py`` (embedding; ``layers`` pre-norm layers of causal
-self-attention, memory read and FFN; memory write after the last layer; linear head), as
-pure functions of a parameter pytree. From memcore: the memory read and write
-(``backends/jax/modules.py``: ``init_reader``/``reader``, ``init_writer``/``writer``,
-``writer_initial_memory``). Written here: embedding, LayerNorm, self-attention
-(``jax.nn.dot_product_attention``), FFN, head, loss and the gradient routing. Methods
-(each returns (loss, grads), grads in float32 like the master parameters):
+The model is the library's (``memcore.backends.jax.memformer``: embedding; ``layers``
+pre-norm layers of causal self-attention, memory read and FFN; memory write after the last
+layer; linear head; M_0 = normalize(v_bias)), its ``segment_loss`` the step. The gradient
+routing is the library's too (``memcore.backends.jax.mrbp_model``); the bench holds none.
+Each method returns (mean loss over the T segments, grads) with ``loss_scale = 1 / T``:
 
-- ``bptt``: ``jax.value_and_grad`` of one ``lax.scan`` over the T segments.
-- ``checkpoint``: the same scan over ``jax.checkpoint(step)`` (default policy, the
-  ``torch.utils.checkpoint`` analogue): the forward also runs the head and loss.
-- ``mrbp_scan``: the scan over ``jax.checkpoint(step, policy=nothing_saveable,
-  prevent_cse=False)``, the formulation of memcore's ``routing.mrbp(method="checkpoint")``.
-- ``mrbp_vjp``: Memformer Alg. 1 in one jit: a memory-path-only forward scan (no head, no
-  loss) storing M_0..M_{T-1}, then a reverse ``lax.scan`` whose body is ``jax.vjp`` of one
-  segment with cotangent (dM_{t+1}, 1/T); parameter gradients accumulate in float32.
-- ``mrbp_replay``: Alg. 1 driven from Python: jitted advance, jitted per-segment VJP.
+- ``bptt``: ``mrbp_model.bptt``: ``jax.value_and_grad`` of one ``lax.scan``.
+- ``checkpoint``: ``mrbp_model.checkpointed``: the scan over ``jax.checkpoint(step)``.
+- ``mrbp``: ``mrbp_model.mrbp``: a memories-only forward scan storing M_0..M_{T-1}, then a
+  reverse scan of per-segment ``jax.vjp`` (Memformer Alg. 1).
+- ``mrbp_host``: ``mrbp`` with ``offload="host"``: the stored memories in pinned host memory.
 
-bf16 is mixed precision: float32 master parameters, cast to bf16 once per iteration;
-LayerNorm, softmax and the loss in float32; memcore's read/write upcast bf16 to float32
-inside (their ``upcast_halves``), so only self-attention, FFN and head run in bf16; the
-memory carries are bf16. fp32 uses JAX's default matmul precision (TF32 on Hopper).
-Peak memory is ``peak_bytes_in_use`` of the device allocator; it cannot be reset, so each
-(method, precision) runs in its own process, T ascending (peaks grow with T). Run with
+bf16 is mixed precision: float32 master parameters, cast to bf16 inside the step (so the
+gradients come back, and accumulate, in float32); memcore's read and write upcast bf16 to
+float32 inside, the memory carries are bf16. fp32 uses JAX's default matmul precision
+(TF32 on Hopper). Peak memory is ``peak_bytes_in_use`` of the device allocator, which
+cannot be reset, so each (method, precision) runs in its own process, T ascending; with
+``--inprocess`` (one process: CPU smoke runs, the issue-13 GPU run) the ratios use XLA's
+own plan instead (``xla_peak_bytes`` = temp + arguments + outputs - aliased, from the
+compiled program's ``memory_analysis()``), recorded in every mode. Run with
 XLA_PYTHON_CLIENT_PREALLOCATE=false.
 
 ``--fit-gib G`` then finds the largest T each method fits in G GiB (fp32): T is predicted
@@ -55,193 +51,66 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
-from memcore.backends.jax.modules import (
-    init_reader,
-    init_writer,
-    reader,
-    writer,
-    writer_initial_memory,
-)
+from memcore.backends.jax import memformer, mrbp_model
+
+from memcore.models import MemformerConfig
 
 __all__ = ["METHODS", "init_params", "main", "make_method", "random_batch", "run_worker"]
 
-METHODS = ("bptt", "checkpoint", "mrbp_scan", "mrbp_vjp", "mrbp_replay")
+METHODS = ("bptt", "checkpoint", "mrbp", "mrbp_host")
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 F32 = jnp.float32
 
 
 # ----------------------------------------------------------------------------- model
-def _dense(key, fan_in: int, fan_out: int) -> jax.Array:
-    bound = (3.0 / fan_in) ** 0.5
-    return jax.random.uniform(key, (fan_in, fan_out), F32, -bound, bound)
+def config(a: argparse.Namespace) -> MemformerConfig:
+    """The library model's config from the bench's flags."""
+    return MemformerConfig(vocab=a.vocab, dim=a.D, heads=a.H, layers=a.layers, slots=a.K,
+                           tau=a.tau)  # fmt: skip
 
 
 def init_params(key: jax.Array, a: argparse.Namespace) -> dict[str, Any]:
-    """Float32 parameters: emb (C, D), layers, write (memcore writer), head (D, C)."""
-    D, ones, zeros = a.D, jnp.ones((a.D,), F32), jnp.zeros((a.D,), F32)
-    keys = jax.random.split(key, a.layers + 3)
-    layers = []
-    for k in keys[: a.layers]:
-        k1, k2, k3, k4, k5 = jax.random.split(k, 5)
-        layers.append({
-            "ln1": (ones, zeros), "qkv": _dense(k1, D, 3 * D), "proj": _dense(k2, D, D),
-            "ln2": (ones, zeros), "read": init_reader(k3, D),
-            "ln3": (ones, zeros), "fc1": _dense(k4, D, 4 * D), "fc1_b": jnp.zeros((4 * D,), F32),
-            "fc2": _dense(k5, 4 * D, D), "fc2_b": zeros,
-        })  # fmt: skip
-    return {
-        "emb": jax.random.normal(keys[-3], (a.vocab, D), F32),
-        "layers": layers,
-        "ln_w": (ones, zeros),
-        "write": init_writer(keys[-2], a.K, D),
-        "ln_o": (ones, zeros),
-        "head": _dense(keys[-1], D, a.vocab),
-    }
-
-
-def _ln(x: jax.Array, gb: tuple[jax.Array, jax.Array]) -> jax.Array:
-    x32 = x.astype(F32)
-    mu = jnp.mean(x32, -1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mu), -1, keepdims=True)
-    y = (x32 - mu) * lax.rsqrt(var + 1e-5) * gb[0].astype(F32) + gb[1].astype(F32)
-    return y.astype(x.dtype)
-
-
-def _layer(p: dict[str, Any], x: jax.Array, memory: jax.Array, heads: int) -> jax.Array:
-    """x += SelfAttn(LN x); x += MemoryRead(LN x, M); x += FFN(LN x): (B, L, D)."""
-    b, n, d = x.shape
-    q, k, v = jnp.split(_ln(x, p["ln1"]) @ p["qkv"], 3, axis=-1)
-    q, k, v = (t.reshape(b, n, heads, d // heads) for t in (q, k, v))
-    x = x + jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, n, d) @ p["proj"]
-    x = x + reader(p["read"], _ln(x, p["ln2"]), memory, num_heads=heads)
-    h = jax.nn.gelu(_ln(x, p["ln3"]) @ p["fc1"] + p["fc1_b"], approximate=False)
-    return x + h @ p["fc2"] + p["fc2_b"]
-
-
-def _encode(p, memory, tokens, heads: int) -> jax.Array:
-    x = p["emb"][tokens]
-    for lp in p["layers"]:
-        x = _layer(lp, x, memory, heads)
-    return x
-
-
-def _mem_write(p, memory, x, heads: int, tau: float) -> jax.Array:
-    return writer(p["write"], memory, _ln(x, p["ln_w"]), num_heads=heads, tau=tau)
-
-
-def advance(p, memory, tokens, *, heads: int, tau: float) -> jax.Array:
-    """The memory path alone (no head, no loss): M_{t+1} (B, K, D)."""
-    return _mem_write(p, memory, _encode(p, memory, tokens, heads), heads, tau)
-
-
-def segment(p, memory, tokens, targets, *, heads: int, tau: float):
-    """(M_{t+1} (B, K, D), mean next-token cross-entropy) of one segment, tokens (B, L)."""
-    x = _encode(p, memory, tokens, heads)
-    logits = (_ln(x, p["ln_o"]) @ p["head"]).astype(F32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    loss = -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
-    return _mem_write(p, memory, x, heads, tau), loss
+    """Float32 parameters of the library's JAX Memformer LM."""
+    return memformer.init(key, config(a), dtype=F32)
 
 
 def _cast(params, dtype):
     return jax.tree_util.tree_map(lambda w: w.astype(dtype), params)
 
 
-def _start(params, batch: int, dtype):
-    pc = _cast(params, dtype)
-    return pc, writer_initial_memory(pc["write"], batch).astype(dtype)
+@functools.lru_cache(maxsize=None)
+def _model(cfg: MemformerConfig, batch: int, dtype) -> tuple[Any, Any]:
+    """(step, memory0) for the drivers; cached so one (config, dtype) keeps one object each."""
 
+    def step(p, memory, seg):
+        return memformer.segment_loss(_cast(p, dtype), memory, seg, cfg)
 
-def _f32_add(acc, g):
-    return jax.tree_util.tree_map(lambda a, b: a + b.astype(F32), acc, g)
+    def memory0(p):
+        return memformer.init_memory(_cast(p, dtype), batch, cfg)
+
+    return step, memory0
 
 
 # ----------------------------------------------------------------------------- methods
-def _scan_loss(params, tokens, targets, *, cfg, dtype, remat):
-    pc, m0 = _start(params, tokens.shape[1], dtype)
-    step = functools.partial(segment, **cfg)
-    if remat == "checkpoint":
-        step = jax.checkpoint(step)
-    elif remat == "mrbp_scan":  # keeps only each step's inputs: the memory carries M_t
-        step = jax.checkpoint(
-            step, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable
-        )
-    _, losses = lax.scan(lambda m, tt: step(pc, m, *tt), m0, (tokens, targets))
-    return jnp.mean(losses)
-
-
-def _mrbp_vjp(params, tokens, targets, *, cfg, dtype):
-    """Memformer Alg. 1 in one program: memories-only forward, reverse scan of VJPs."""
-    T = tokens.shape[0]
-    pc, init_pull = jax.vjp(lambda p: _start(p, tokens.shape[1], dtype), params)
-    m0 = pc[1]
-    pc = lax.stop_gradient(pc[0])
-    adv = functools.partial(advance, **cfg)
-    _, ms = lax.scan(lambda m, tok: (adv(pc, m, tok), m), m0, tokens)  # ms[t] = M_t
-
-    def back(carry, inp):
-        d_m, acc = carry
-        m_t, tok, tgt = inp
-        (_, loss), pull = jax.vjp(lambda p, m: segment(p, m, tok, tgt, **cfg), pc, m_t)
-        g, d_mt = pull((d_m, jnp.asarray(1.0 / T, F32)))
-        return (d_mt, _f32_add(acc, g)), loss
-
-    zeros = jax.tree_util.tree_map(lambda w: jnp.zeros(w.shape, F32), pc)
-    (d_m0, acc), losses = lax.scan(
-        back, (jnp.zeros_like(m0), zeros), (ms, tokens, targets), reverse=True
-    )
-    zero_pc = jax.tree_util.tree_map(jnp.zeros_like, pc)
-    (g_init,) = init_pull((zero_pc, d_m0))  # dM_0 through M_0 = normalize(v_bias)
-    return jnp.mean(losses), _f32_add(acc, g_init)
-
-
-class _Replay:
-    """Alg. 1 from Python: jitted advance and per-segment VJP, M_{t+1} freed as it is used."""
-
-    def __init__(self, cfg, dtype):
-        self.start = jax.jit(functools.partial(_start, dtype=dtype), static_argnums=1)
-        self.adv = jax.jit(functools.partial(advance, **cfg))
-
-        def vjp_step(pc, m_t, tok, tgt, d_m, w, acc):
-            (_, loss), pull = jax.vjp(lambda p, m: segment(p, m, tok, tgt, **cfg), pc, m_t)
-            g, d_mt = pull((d_m, w))
-            return loss, d_mt, _f32_add(acc, g)
-
-        self.vjp = jax.jit(vjp_step, donate_argnums=(6,))
-
-        def finish(params, d_m0):
-            _, pull = jax.vjp(lambda p: _start(p, d_m0.shape[0], dtype)[1], params)
-            return pull(d_m0)[0]
-
-        self.finish = jax.jit(finish)
-        self.add = jax.jit(_f32_add, donate_argnums=(0,))
-
-    def __call__(self, params, tokens, targets):
-        T = tokens.shape[0]
-        pc, m0 = self.start(params, tokens.shape[1])
-        ms = [m0]
-        for t in range(T):
-            ms.append(self.adv(pc, ms[-1], tokens[t]))
-        acc = jax.tree_util.tree_map(lambda w: jnp.zeros(w.shape, F32), pc)
-        d_m, w, total = jnp.zeros_like(m0), jnp.asarray(1.0 / T, F32), 0.0
-        for t in reversed(range(T)):
-            ms[t + 1] = None
-            loss, d_m, acc = self.vjp(pc, ms[t], tokens[t], targets[t], d_m, w, acc)
-            total = total + loss
-        return total / T, self.add(acc, self.finish(params, d_m))
+_DRIVERS = {
+    "bptt": (mrbp_model.bptt, {}),
+    "checkpoint": (mrbp_model.checkpointed, {}),
+    "mrbp": (mrbp_model.mrbp, {}),
+    "mrbp_host": (mrbp_model.mrbp, {"offload": "host"}),
+}
 
 
 def make_method(name: str, a: argparse.Namespace, dtype) -> Any:
-    """A callable (params, tokens, targets) -> (loss, grads) for method ``name``."""
-    cfg = {"heads": a.H, "tau": a.tau}
-    if name == "mrbp_replay":
-        return _Replay(cfg, dtype)
-    if name == "mrbp_vjp":
-        return jax.jit(functools.partial(_mrbp_vjp, cfg=cfg, dtype=dtype))
-    remat = None if name == "bptt" else name
-    fn = functools.partial(_scan_loss, cfg=cfg, dtype=dtype, remat=remat)
-    return jax.jit(jax.value_and_grad(fn))
+    """A jitted callable (params, tokens, targets) -> (mean loss, grads) for method ``name``."""
+    driver, opts = _DRIVERS[name]
+    step, memory0 = _model(config(a), a.B, dtype)
+
+    def run(params, tokens, targets):
+        loss, grads, _ = driver(step, params, memory0, (tokens, targets),
+                                loss_scale=1.0 / tokens.shape[0], **opts)  # fmt: skip
+        return loss, grads
+
+    return jax.jit(run)
 
 
 def random_batch(T: int, a: argparse.Namespace, seed: int = 1):
@@ -280,14 +149,21 @@ def _compare(method: str, grads, ref_path: str, tol: float, what: str) -> float:
 def _compiled(method: str, a, dtype, params, tokens, targets):
     """(callable, XLA memory analysis or None, compile seconds)."""
     fn = make_method(method, a, dtype)
-    if method == "mrbp_replay":
-        return fn, None, None
     t0 = time.perf_counter()
     comp = fn.lower(params, tokens, targets).compile()
     secs = time.perf_counter() - t0
     ma = comp.memory_analysis()
-    names = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")
+    names = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+             "alias_size_in_bytes", "host_temp_size_in_bytes")  # fmt: skip
     return comp, (None if ma is None else {n: getattr(ma, n, None) for n in names}), secs
+
+
+def xla_peak_bytes(xla: dict | None) -> int | None:
+    """Device bytes of XLA's plan: temp + arguments + outputs - aliased (None if unknown)."""
+    if not xla or xla.get("temp_size_in_bytes") is None:
+        return None
+    keys = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")
+    return sum(xla.get(k) or 0 for k in keys) - (xla.get("alias_size_in_bytes") or 0)
 
 
 def run_worker(a: argparse.Namespace, method: str, precision: str, work_dir: str) -> list[dict]:
@@ -308,6 +184,7 @@ def run_worker(a: argparse.Namespace, method: str, precision: str, work_dir: str
         tokens, targets = random_batch(T, a)
         print(f"[{method} {precision} T={T}] compiling", flush=True)
         run, row["xla_memory"], row["compile_s"] = _compiled(method, a, dtype, params, tokens, targets)
+        row["xla_peak_bytes"] = xla_peak_bytes(row["xla_memory"])
         print(f"[{method} {precision} T={T}] compiled in {row['compile_s']} s", flush=True)
         loss, grads = run(params, tokens, targets)
         row["loss"] = float(loss)
@@ -354,14 +231,18 @@ def _spawn(argv: list[str], method: str, precision: str, work: str, timeout: flo
         return json.load(f)
 
 
-def _ratios(rows: list[dict]) -> None:
+def _ratios(rows: list[dict], inprocess: bool = False) -> None:
+    """Speed and memory against BPTT at the same (precision, T). In one process the
+    allocator's peak only grows, so there ``memory_vs_bptt`` is left out (XLA's plan stays)."""
     base = {(r["precision"], r["T"]): r for r in rows if r["method"] == "bptt" and "median_s" in r}
     for r in rows:
         b = base.get((r.get("precision"), r.get("T")))
         if b is None or "median_s" not in r:
             continue
         r["speed_vs_bptt"] = b["median_s"] / r["median_s"]
-        if r.get("peak_bytes") and b.get("peak_bytes"):
+        if r.get("xla_peak_bytes") and b.get("xla_peak_bytes"):
+            r["xla_memory_vs_bptt"] = r["xla_peak_bytes"] / b["xla_peak_bytes"]
+        if not inprocess and r.get("peak_bytes") and b.get("peak_bytes"):
             r["memory_vs_bptt"] = r["peak_bytes"] / b["peak_bytes"]
             added, b_added = r["peak_bytes"] - r["base_bytes"], b["peak_bytes"] - b["base_bytes"]
             r["added_bytes"], r["added_vs_bptt"] = added, added / b_added
@@ -370,20 +251,23 @@ def _ratios(rows: list[dict]) -> None:
 def markdown(rows: list[dict]) -> str:
     """The results table in Markdown (GiB = 2**30 bytes)."""
     head = ("| precision | T | method | s/iter | speed vs BPTT | peak GiB | memory vs BPTT | "
-            "added vs BPTT | XLA temp GiB | compile s | grad rel err vs BPTT |")
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "added vs BPTT | XLA plan GiB | XLA plan vs BPTT | XLA host temp GiB | compile s | "
+            "grad rel err vs BPTT |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     g = lambda v: "-" if v is None else f"{v / 2**30:.2f}"
     for r in rows:
         if "error" in r:
             lines.append(f"| {r.get('precision')} | | {r['method']} | error: {r['error'][-80:]!r} |")
             continue
-        temp = (r.get("xla_memory") or {}).get("temp_size_in_bytes")
+        host = (r.get("xla_memory") or {}).get("host_temp_size_in_bytes")
+        err = r["grad_rel_err_vs_bptt"]
         comp = "-" if r.get("compile_s") is None else f"{r['compile_s']:.1f}"
         lines.append(
             f"| {r['precision']} | {r['T']} | {r['method']} | {r['median_s']:.4f} | "
             f"{r.get('speed_vs_bptt', float('nan')):.2f}x | {g(r.get('peak_bytes'))} | "
             f"{r.get('memory_vs_bptt', float('nan')):.3f}x | {r.get('added_vs_bptt', float('nan')):.3f}x | "
-            f"{g(temp)} | {comp} | {r['grad_rel_err_vs_bptt']:.1e} |"
+            f"{g(r.get('xla_peak_bytes'))} | {r.get('xla_memory_vs_bptt', float('nan')):.3f}x | "
+            f"{g(host)} | {comp} | {'-' if err is None else f'{err:.1e}'} |"
         )
     return "\n".join(lines)
 
@@ -457,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 _write(a.out, payload)
         payload["exact_check"] = [r for r in rows if "check_T" in r]
         rows[:] = [r for r in rows if "check_T" not in r]
-        _ratios(rows)
+        _ratios(rows, a.inprocess)
         payload["markdown"] = markdown(rows)
         print(payload["markdown"], flush=True)
         _write(a.out, payload)

@@ -117,7 +117,8 @@ def test_horizon_definition():
 
 def test_loss_scale_scales_loss_and_grads():
     """loss_scale=s multiplies the loss and every gradient by s."""
-    one, quarter = mrbp(step, PARAMS, memory0, SEGS), mrbp(step, PARAMS, memory0, SEGS, loss_scale=0.25)
+    one = mrbp(step, PARAMS, memory0, SEGS)
+    quarter = mrbp(step, PARAMS, memory0, SEGS, loss_scale=0.25)
     np.testing.assert_allclose(float(quarter[0]), 0.25 * float(one[0]), rtol=1e-12)
     np.testing.assert_allclose(_flat(quarter[1]), 0.25 * _flat(one[1]), rtol=1e-12, atol=1e-15)
 
@@ -126,8 +127,9 @@ def test_offload_lowers_to_pinned_host_on_cuda():
     """Lowered for CUDA, offload='host' places the stored memories in pinned host memory."""
     fn = lambda p, s, off: mrbp(step, p, memory0, s, offload=off)  # noqa: E731
     try:
-        texts = [jax.jit(fn, static_argnums=2).trace(PARAMS, SEGS, off)
-                 .lower(lowering_platforms=("cuda",)).as_text() for off in (None, "host")]  # fmt: skip
+        run = jax.jit(fn, static_argnums=2)
+        texts = [run.trace(PARAMS, SEGS, off).lower(lowering_platforms=("cuda",)).as_text()
+                 for off in (None, "host")]  # fmt: skip
     except Exception as e:  # noqa: BLE001 - an older jax or jaxlib without cross-lowering
         pytest.skip(f"needs cross-platform lowering for CUDA: {type(e).__name__}")
     plain, host = texts
