@@ -22,7 +22,14 @@ from memcore.opspec import Sizes, Tensor, dtype_name
 from memcore.routing_types import Loss
 
 BACKENDS = [
-    b for b, mod in [("numpy", "numpy"), ("torch", "torch"), ("jax", "jax"), ("array_api", "array_api_strict")]
+    b
+    for b, mod in [
+        ("numpy", "numpy"),
+        ("torch", "torch"),
+        ("jax", "jax"),
+        ("array_api", "array_api_strict"),
+        ("cupy", "cupy"),  # GPU machines only
+    ]
     if importlib.util.find_spec(mod) is not None
 ]
 OPS = list(memcore.OPS)
