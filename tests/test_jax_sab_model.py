@@ -157,8 +157,9 @@ def test_one_trace_per_shape_whatever_the_number_of_chunks():
 @needs_x64
 def test_replay_holds_the_bank_and_boundaries_not_the_steps():
     """Without memories, sparse replay's accounted bytes grow with T by exactly the
-    chunk-entry states (h, c) while sab_bptt's grow by every step's residuals; with memories the replay's growth
-    (bank, boundaries, the last chunk's reads of a bigger bank) stays far below sab_bptt's."""
+    chunk-entry states (h, c) while sab_bptt's grow by every step's residuals; with
+    memories the replay's growth (bank, boundaries, the last chunk's reads of a bigger
+    bank) stays far below sab_bptt's."""
 
     def held(method, steps, k_att):
         config = SABConfig(k_top=2, k_att=k_att, k_trunc=2)
@@ -224,7 +225,12 @@ def test_compiled_trainer_equals_the_numpy_trainer_and_resumes(tmp_path, monkeyp
     config = parse_config(CONFIG)
     calls = []
     compiled = fast_jax.train_fast
-    monkeypatch.setattr(fast_jax, "train_fast", lambda *a, **k: calls.append(1) or compiled(*a, **k))
+
+    def spy(*a, **k):
+        calls.append(1)
+        return compiled(*a, **k)
+
+    monkeypatch.setattr(fast_jax, "train_fast", spy)
     want = train(config, backend="numpy", out=str(tmp_path / "numpy"))
     assert not calls
     got = train(config, backend="jax", out=str(tmp_path / "jax"))

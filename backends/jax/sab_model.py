@@ -348,13 +348,14 @@ def sab_sparse_replay(
 
 # ----------------------------------------------------------------------------- forward only
 @functools.partial(jax.jit, static_argnames=("net", "config", "first", "segments", "unroll"))
-def sab_outputs(net, params, xs, state0, *, config, first=0, segments=8, unroll=1):
+def sab_outputs(net, params, xs, state0, *, config, first=0, segments=4, unroll=1):
     """The SAB forward alone: (ys (T - first, B, O), final_state).
 
     Steps before ``first`` (0-based) keep no output, so a long rollout scored on its last
-    steps holds no (T, B, O). The steps run as up to ``segments`` scans, each over a bank
-    only as large as the memories written by its end (the bank grows between scans), so a
-    step scores the slots that can be live, not all N_max: about half the work at large T.
+    steps holds no (T, B, O). The steps run as about ``segments`` scans (one compile each,
+    all in one program), each over a bank only as large as the memories written by its end
+    (the bank grows between scans), so a step scores the slots that can be live, not all
+    N_max: (1 + 1 / segments) / 2 of the work at large T.
     """
     rt = retrieval(config)
     steps = xs.shape[0]

@@ -142,9 +142,8 @@ def default_unroll(device: str | None = None) -> int:
     return 1 if platform == "cpu" else 4
 
 
-@functools.lru_cache(maxsize=16)
 def make_train_step(
-    config: TrainConfig, dtype: str = "float32", donate: bool = False, unroll: int = 1
+    config: TrainConfig, dtype: str = "float32", donate: bool = False, unroll: int | None = None
 ):
     """The whole training step, jitted once per shape:
     ``step(params, opt, xs, targets, weights) -> (params, opt, loss, grad_norm)``.
@@ -153,9 +152,14 @@ def make_train_step(
     tbptt: sab_bptt; sparse_replay), then clip_grad_norm_'s rule and torch's Adam, exactly as
     :func:`memcore.train.optim.adam_update`. ``donate`` lets XLA update params and opt in
     place (their old buffers are then invalid; the CPU ignores donation). ``unroll``: the
-    scans' steps per loop iteration (:func:`default_unroll`). Sparse replay tests each
+    scans' steps per loop iteration (None: :func:`default_unroll`). Sparse replay tests each
     chunk for gradient only when the task has zero loss weights (else it replays them all).
     """
+    return _make_train_step(config, dtype, donate, default_unroll() if unroll is None else unroll)
+
+
+@functools.lru_cache(maxsize=16)
+def _make_train_step(config: TrainConfig, dtype: str, donate: bool, unroll: int):
     jax = _jax()
     jnp = jax.numpy
     from memcore.backends.jax import sab_model  # noqa: PLC0415
