@@ -99,7 +99,18 @@ def merge_heads(xp: ModuleType, x: Any) -> Any:
 
 
 def all_finite(x: Any) -> bool:
-    """True when no entry is NaN or Inf (any namespace)."""
+    """True when no entry is NaN or Inf (any namespace).
+
+    Also True for a JAX tracer (inside ``jit``, ``grad``, ``vmap``): it has no concrete
+    values to check, and ``bool`` of one raises (docs/semantics.md §9).
+    """
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(x, jax.Array):
+        if isinstance(x, jax.core.Tracer):
+            return True
+        # A concrete array closed over inside jit: evaluate now, not as a traced op.
+        with jax.ensure_compile_time_eval():
+            return bool(jax.numpy.all(jax.numpy.isfinite(x)))
     xp = array_namespace(x)
     return bool(xp.all(xp.isfinite(x)))
 

@@ -201,3 +201,22 @@ def test_jax_checkify_finite_reports_the_argument():
         bad[0, 0] = np.inf
         err, _ = jax.jit(fn)(m, bad)
     assert "`v_bias` must be finite" in str(err.get())
+
+
+def test_jax_concrete_arrays_closed_over_in_jit_are_still_checked():
+    """A concrete input closed over inside jit is checked eagerly: NaN there is a MemcoreError."""
+    jax = _jax()
+    from memcore.reference._xp import all_finite
+
+    jb = memcore.get_backend("jax")
+    _, sample = _sample("memory_read")
+    x, memory, *ws = (jax.numpy.asarray(a) for a in sample.inputs)
+    fn = jax.jit(lambda x: jb.memory_read(x, memory, *ws, **sample.attrs))
+    _close(fn(x), ref.memory_read(*sample.inputs, **sample.attrs), "closed-over memory")
+    bad = memory.at[0, 0, 0].set(np.nan)
+    with pytest.raises(MemcoreError, match=r"`memory` must be finite"):
+        jax.jit(lambda x: jb.memory_read(x, bad, *ws, **sample.attrs))(x)
+    # The routing drivers' check (reference helper) behaves the same way.
+    seen = []
+    jax.jit(lambda t: seen.append((all_finite(t), all_finite(memory), all_finite(bad))) or t)(x)
+    assert seen == [(True, True, False)]

@@ -201,7 +201,9 @@ class JaxBackend(RoutingDelegate, BackendBase):
         if is_traced(x):
             return True
         if isinstance(x, jax.Array):
-            return bool(jnp.all(jnp.isfinite(x)))
+            # A concrete array closed over inside jit would give a traced result: evaluate now.
+            with jax.ensure_compile_time_eval():
+                return bool(jnp.all(jnp.isfinite(x)))
         return bool(np.all(np.isfinite(np.asarray(x))))
 
     # ------------------------------------------------------------------ ops
