@@ -228,7 +228,8 @@ def train(
         switch_backend: with ``resume``, allow a backend other than the checkpoint's
             (recorded in ``results.json``'s ``backends``).
         fast: torch SAB runs only: the compiled step (:mod:`memcore.train.fast_torch`);
-            None = on CUDA devices, False = never, True = also on the CPU.
+            None = on CUDA devices, False = never, True = also on the CPU. JAX SAB runs
+            take :mod:`memcore.train.fast_jax` everywhere unless False.
 
     Returns:
         The results dict (also written as JSON); "finished" says whether run.steps was reached.
@@ -238,7 +239,7 @@ def train(
         TrainingInterrupted: an interrupt; the last finished step is checkpointed first.
     """
     setup = _prepare(config, backend, device, out, resume, switch_backend)
-    if setup.backend.name == "jax" and config.model.kind == "sab":  # one compiled step
+    if setup.backend.name == "jax" and config.model.kind == "sab" and fast is not False:
         from memcore.train.fast_jax import train_fast
 
         return train_fast(setup, config, stop_after=stop_after, progress=progress)
