@@ -208,32 +208,40 @@ def _mapping(param_map: Mapping[str, Any] | None, torch_run: Run) -> dict[str, t
 
 
 def _torch_vs_jax(t: Run, j: Run, param_map: Mapping[str, Any] | None, tol: Any) -> list[Any]:
-    """JAX's MRBP results (actual) against torch's (expected), parameters matched by name."""
+    """JAX's MRBP results (actual) against torch's (expected), parameters matched by name.
+
+    Unmatched names, or weights that differ between the two models, are the only rows
+    reported then: with other weights every gradient differs, and saying so is the finding.
+    """
     from memcore.conformance.compare import compare, failure
 
-    comps = [compare("loss", j.loss, t.loss, tol), *_memory_comps(j, t, tol)]
     mapping = _mapping(param_map, t)
+    problems, pairs = [], []
     for tname, (jname, fn) in mapping.items():
         label = f"grad[{tname}]" if tname == jname else f"grad[{tname} -> {jname}]"
+        layout = fn if fn is not None else (lambda x: x)
         if tname not in t.grads:
             why = f"no torch parameter {tname!r} (torch has {sorted(t.grads)})"
-            comps.append(failure(label, why, tol))
-            continue
-        if jname not in j.grads:
+        elif jname not in j.grads:
             why = f"no JAX parameter {jname!r} (JAX has {sorted(j.grads)}); pass param_map"
-            comps.append(failure(label, why, tol))
-            continue
-        layout = fn if fn is not None else (lambda x: x)
-        value = compare("value", j.values[jname], np.asarray(layout(t.values[tname])), tol)
-        if not value.ok:
-            why = value.reason or f"max abs err {value.max_abs:.1e}"
-            why = f"parameter values differ ({why}): start both models from the same weights"
-            comps.append(failure(label, why, tol))
-            continue
-        comps.append(compare(label, j.grads[jname], np.asarray(layout(t.grads[tname])), tol))
+        else:
+            value = compare("value", j.values[jname], np.asarray(layout(t.values[tname])), tol)
+            why = "" if value.ok else (
+                f"parameter values differ ({value.reason or f'max abs err {value.max_abs:.1e}'}): "
+                "start both models from the same weights"
+            )
+        if why:
+            problems.append(failure(label, why, tol))
+        else:
+            pairs.append((label, jname, tname, layout))
     for jname in sorted(set(j.grads) - {v[0] for v in mapping.values()}):
         why = "JAX parameter with no torch counterpart in param_map"
-        comps.append(failure(f"grad[{jname}]", why, tol))
+        problems.append(failure(f"grad[{jname}]", why, tol))
+    if problems:
+        return problems
+    comps = [compare("loss", j.loss, t.loss, tol), *_memory_comps(j, t, tol)]
+    for label, jname, tname, layout in pairs:
+        comps.append(compare(label, j.grads[jname], np.asarray(layout(t.grads[tname])), tol))
     return comps
 
 

@@ -9,6 +9,7 @@ silently computes in float32, so memcore refuses instead.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -68,12 +69,17 @@ def segment_count(segments: Any) -> int:
     return sizes.pop()
 
 
-def _bptt(step, params, memory0, segments, truncate_every, horizon) -> Run:
-    T = segment_count(segments)
-    segs = [jax.tree_util.tree_map(lambda x, t=t: x[t], segments) for t in range(T)]
+@functools.lru_cache(maxsize=16)
+def _bptt_program(step, m0_fn, T, truncate_every, horizon):
+    """(params, memory0, segments) -> ((L, M_T), dL/dparams), jitted once per model and cut.
 
-    def total(p):
-        m0 = memory0(p) if callable(memory0) else memory0
+    The loop is unrolled in Python (no scan, no remat), under one ``jax.jit``: eager, every
+    op would compile on its own, which is slower the first time.
+    """
+
+    def total(p, memory0, segments):
+        segs = [jax.tree_util.tree_map(lambda x, t=t: x[t], segments) for t in range(T)]
+        m0 = m0_fn(p) if m0_fn is not None else memory0
         losses = []
         if horizon is None:  # one unroll, cut where truncate_every says
             m = m0
@@ -94,7 +100,17 @@ def _bptt(step, params, memory0, segments, truncate_every, horizon) -> Run:
             losses.append(loss_t)
         return sum(losses), jax.lax.stop_gradient(ms[T])
 
-    (loss, m), grads = jax.value_and_grad(total, has_aux=True)(params)
+    return jax.jit(jax.value_and_grad(total, has_aux=True))
+
+
+def _bptt(step, params, memory0, segments, truncate_every, horizon) -> Run:
+    T = segment_count(segments)
+    m0_fn = memory0 if callable(memory0) else None
+    try:
+        program = _bptt_program(step, m0_fn, T, truncate_every, horizon)
+    except TypeError:  # an unhashable step or memory0: compile for this call only
+        program = _bptt_program.__wrapped__(step, m0_fn, T, truncate_every, horizon)
+    (loss, m), grads = program(params, None if m0_fn else memory0, segments)
     return Run(float(loss), _numpy_by_name(grads), _numpy_by_name(params), _memory_leaves(m))
 
 
