@@ -309,3 +309,75 @@ def test_config_fields_validate_and_default_to_memcore():
     p, xs, s0, tg, loss = _sample(6, RELEASE)
     with pytest.raises(MemcoreError, match="w_score"):
         sab_modes_bptt(p, xs, s0, tg, config=attrs.evolve(RELEASE, scorer="memcore"), loss=loss)
+
+
+# ----------------------------------------------------------------------------- torch, JAX
+MODES = [
+    RELEASE,
+    attrs.evolve(RELEASE, scorer="memcore"),
+    attrs.evolve(RELEASE, sparsify="memcore", truncation="memcore", threshold_grad=False),
+    attrs.evolve(RELEASE, threshold_grad=False, block_score_grad=True, include_h0_memory=False),
+]
+
+
+def _reference_outputs(p, xs, s0, cfg):
+    from memcore.reference.routing.sab_release import sab_modes_step
+    from memcore.reference.steps import SabState
+
+    state, ys = SabState(s0[0], s0[1], (s0[0],) if cfg.include_h0_memory else ()), []
+    for t in range(1, xs.shape[0] + 1):
+        state, y, _ = sab_modes_step(p, xs[t - 1], state, config=cfg, t=t)
+        ys.append(y)
+    return np.stack(ys)
+
+
+@pytest.mark.parametrize("mode", range(len(MODES)))
+def test_torch_drivers_equal_the_reference_in_every_mode(mode):
+    """torch sab_bptt (truncated and not), sparse replay and the evaluation forward equal the
+    reference in float64 (1e-10), the truncation phase taken from the config."""
+    torch = pytest.importorskip("torch")
+    from memcore.backends.torch import cells, sab_model
+    from memcore.backends.torch.sab_forward import sab_outputs
+
+    cfg = MODES[mode]
+    p, xs, s0, tg, loss = _sample(10 + mode, cfg, T=11)
+    P = {k: torch.tensor(v) for k, v in p.items()}
+    X, S0, TG = torch.tensor(xs), tuple(torch.tensor(s) for s in s0), torch.tensor(tg)
+    for truncate in (True, False):
+        want = sab_modes_bptt(p, xs, s0, tg, config=cfg, loss=loss, truncate=truncate)
+        runs = [sab_model.sab_bptt(cells.lstm, P, X, S0, TG, config=cfg, loss=loss,
+                                   truncate=truncate)]  # fmt: skip
+        if truncate:
+            runs.append(sab_model.sab_sparse_replay(cells.lstm, P, X, S0, TG, config=cfg, loss=loss))
+        for got in runs:
+            assert abs(got.loss - want.loss) <= 1e-12 * abs(want.loss)
+            for k in p:
+                assert _rel(got.grads[k].numpy(), want.grads[k]) < 1e-10, (truncate, k)
+            assert _rel(got.d_state0[0].numpy(), want.d_state0[0]) < 1e-10
+    ys = sab_outputs(cells.lstm, P, X, S0, config=cfg, first=2).numpy()
+    assert _rel(ys, _reference_outputs(p, xs, s0, cfg)[2:]) < 1e-12
+
+
+@pytest.mark.parametrize("mode", [0])  # each mode compiles every driver (slow): one mode
+def test_jax_drivers_equal_the_reference(mode):
+    """JAX sab_bptt, full BPTT, sparse replay and the forward equal the reference in
+    float64 (1e-10): the config selects the retrieval and the truncation phase."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    from memcore.backends.jax import sab_model as jm
+
+    cfg = MODES[mode]
+    p, xs, s0, tg, loss = _sample(20 + mode, cfg, T=11)
+    J = jax.tree_util.tree_map(jax.numpy.asarray, p)
+    w = jax.numpy.asarray(loss.weights)
+    drivers = ((jm.sab_sparse_replay, True), (jm.sab_full_bptt, False))
+    for driver, truncate in drivers:
+        want = sab_modes_bptt(p, xs, s0, tg, config=cfg, loss=loss, truncate=truncate)
+        value, (grads, d0), _ = driver(jm.LSTM_NET, J, xs, s0, tg, w, config=cfg, loss="xent",
+                                       state_grad=True)  # fmt: skip
+        assert abs(float(value) - want.loss) <= 1e-12 * abs(want.loss), driver
+        for k in p:
+            assert _rel(np.asarray(grads[k]), want.grads[k]) < 1e-10, (driver, k)
+        assert _rel(np.asarray(d0[0]), want.d_state0[0]) < 1e-10, driver
+    ys, _ = jm.sab_outputs(jm.LSTM_NET, J, xs, s0, config=cfg, first=2)
+    assert _rel(np.asarray(ys), _reference_outputs(p, xs, s0, cfg)[2:]) < 1e-12

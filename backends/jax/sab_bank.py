@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from memcore.backends.jax.sab_release import release_key, release_score, release_sparsify
 from memcore.errors import MemcoreError
 
 __all__ = [
@@ -124,11 +125,18 @@ def paper_sparsify(
 
 
 # key(params, m) -> keys (B, Ak); score(params, h_hat, keys (B, N, Ak)) -> (B, N)
+# "memcore" is SABConfig's name for the paper rule; "release" is the authors' code (issue 14.4).
 SCORERS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
     "paper": (paper_key, paper_score),
+    "memcore": (paper_key, paper_score),
+    "release": (release_key, release_score),
 }
 # sparsify(scores (B, N), n, *, k_top, eps, threshold_grad) -> (weights (B, K), ids (B, K))
-SPARSIFIERS: dict[str, Callable[..., Any]] = {"paper": paper_sparsify}
+SPARSIFIERS: dict[str, Callable[..., Any]] = {
+    "paper": paper_sparsify,
+    "memcore": paper_sparsify,
+    "release": release_sparsify,
+}
 
 
 @attrs.frozen

@@ -32,7 +32,10 @@ Params = Mapping[str, Any]
 def lstm_cell_fn(params: Params, x: jax.Array, state: tuple[jax.Array, jax.Array]):
     """memcore's LSTM (docs/semantics.md 3.7): x (B, I), state (h, c) -> (h_hat, c')."""
     h, c = state
-    return lstm_cell(x, h, c, params["lstm_w"], params["lstm_b"])
+    b = params["lstm_b"]
+    if "lstm_b_hh" in params:  # the release's second bias (torch LSTMCell's b_hh)
+        b = b + params["lstm_b_hh"]
+    return lstm_cell(x, h, c, params["lstm_w"], b)
 
 
 def gru_cell_fn(params: Params, x: jax.Array, state: tuple[jax.Array, Any]):

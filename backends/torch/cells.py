@@ -44,14 +44,18 @@ def lstm(params: Mapping[str, torch.Tensor], x_t: torch.Tensor, state: Any) -> t
     """memcore's LSTM cell (docs/semantics.md 3.7): state (h, c), each (B, Hd).
 
     Args:
-        params: ``lstm_w`` (I + Hd, 4 Hd), ``lstm_b`` (4 Hd,), gates (i, f, g, o).
+        params: ``lstm_w`` (I + Hd, 4 Hd), ``lstm_b`` (4 Hd,), gates (i, f, g, o); with
+            ``lstm_b_hh`` (4 Hd,) too, the bias is lstm_b + lstm_b_hh (two parameters).
         x_t: (B, I); state: (h, c).
 
     Returns:
         (h_hat (B, Hd), (h_hat, c')).
     """
     h, c = state
-    h_hat, c_new = lstm_cell(x_t, h, c, params["lstm_w"], params["lstm_b"])
+    b = params["lstm_b"]
+    if "lstm_b_hh" in params:  # the release's second bias (torch LSTMCell's b_hh)
+        b = b + params["lstm_b_hh"]
+    h_hat, c_new = lstm_cell(x_t, h, c, params["lstm_w"], b)
     return h_hat, (h_hat, c_new)
 
 

@@ -110,6 +110,10 @@ def retrieval_for(config: SABConfig, retrieval: str = "fast") -> Retrieval:
         raise MemcoreError(
             f"`retrieval` must be one of {', '.join(RETRIEVALS)}. Received: {retrieval!r}"
         )
+    if config.scorer != "memcore" or config.sparsify != "memcore":  # issue 14.4
+        from memcore.backends.torch.sab_release import retrieve
+
+        return Retrieval(False, retrieve)
     return Retrieval(retrieval == "fast", _memcore_retrieve)
 
 
@@ -220,7 +224,8 @@ def check_call(params, xs, state0, targets, config, loss) -> None:
     if not isinstance(h0, torch.Tensor) or h0.ndim != 2 or int(h0.shape[0]) != B:
         got = tuple(h0.shape) if isinstance(h0, torch.Tensor) else type(h0).__name__
         raise MemcoreError(f"`state0` hidden must have shape (B, Hd) with B = {B}. Received: {got}")
-    need = ("w1", "w2", "w3") + ((HEAD_PARAM,) if loss.kind == "xent" else ())
+    scorer = ("w_score",) if config.scorer == "release" else ("w1", "w2", "w3")
+    need = scorer + ((HEAD_PARAM,) if loss.kind == "xent" else ())
     missing = [k for k in need if k not in params]
     if missing:
         raise MemcoreError(f"`params` must contain {', '.join(need)}. Received: missing {missing}")

@@ -61,6 +61,11 @@ def sab_outputs(
         first: the first step whose output is kept (the rest are only run).
         block_elements: the largest (n, B, A) score block built at once.
     """
+    if config.scorer != "memcore" or config.sparsify != "memcore":  # issue 14.4
+        from memcore.backends.torch.sab_release import sab_outputs_modes
+
+        return sab_outputs_modes(cell, params, xs, state0, config=config, first=first,
+                                 readout=readout)  # fmt: skip
     T = int(xs.shape[0])
     h0 = hidden(state0)
     N, B = capacity(T, config), int(h0.shape[0])

@@ -94,7 +94,7 @@ def sab_loss(
     config: SABConfig,
     loss: Loss = Loss(),
     truncate: bool = True,
-    trunc_phase: int = 0,
+    trunc_phase: int | None = None,
     readout: Readout = sab_readout,
     retrieval: str = "fast",
     check: bool = True,
@@ -114,7 +114,7 @@ def sab_loss(
         xs: (T, B, I); state0: the cell's initial state (hidden (B, Hd) first).
         targets: (T, B, O) float (mse) or (T, B) class ids (xent).
         config: k_top, k_att, k_trunc, eps and the stop-gradient switches.
-        trunc_phase: see :func:`chunk_starts`; readout: ``(params, h, s) -> y`` on (..., Hd).
+        trunc_phase: see :func:`chunk_starts`; None: ``config.trunc_phase``; readout: ``(params, h, s) -> y`` on (..., Hd).
         retrieval: "fast" (bank with hand-written backward) or "autograd".
         check: validate the inputs (False in a compiled step: validation reads nothing
             from the device but costs host time); weights_dev: see :func:`replay_accumulate`.
@@ -127,7 +127,8 @@ def sab_loss(
 
 def _whole(call: Call, state0, retrieval, truncate, trunc_phase) -> SabRun:
     cfg, T = call.cfg, int(call.xs.shape[0])
-    starts = chunk_starts(T, cfg.k_trunc, trunc_phase) if truncate else (1,)
+    phase = cfg.trunc_phase if trunc_phase is None else trunc_phase  # None: the config's
+    starts = chunk_starts(T, cfg.k_trunc, phase) if truncate else (1,)
     mem = make_bank(call, state0, retrieval)
     mem.track()
     state = state0
@@ -169,7 +170,7 @@ def sab_bptt(
     config: SABConfig,
     loss: Loss = Loss(),
     truncate: bool = True,
-    trunc_phase: int = 0,
+    trunc_phase: int | None = None,
     readout: Readout = sab_readout,
     retrieval: str = "fast",
     check: bool = True,
@@ -216,7 +217,7 @@ def replay_accumulate(
     *,
     config: SABConfig,
     loss: Loss = Loss(),
-    trunc_phase: int = 0,
+    trunc_phase: int | None = None,
     readout: Readout = sab_readout,
     retrieval: str = "fast",
     skip: bool = True,
@@ -242,7 +243,8 @@ def replay_accumulate(
     """
     cfg, T = config, int(xs.shape[0])
     call = Call(cell, P, xs, targets, cfg, loss, readout, weights_dev)
-    starts = chunk_starts(T, cfg.k_trunc, trunc_phase)
+    phase = cfg.trunc_phase if trunc_phase is None else trunc_phase  # None: the config's
+    starts = chunk_starts(T, cfg.k_trunc, phase)
     bounds = list(zip(starts, (*starts[1:], T + 1)))
     mem = make_bank(call, state0, retrieval_for(cfg, retrieval))
     boundary: list[Any] = []
@@ -335,7 +337,7 @@ def sab_sparse_replay(
     *,
     config: SABConfig,
     loss: Loss = Loss(),
-    trunc_phase: int = 0,
+    trunc_phase: int | None = None,
     readout: Readout = sab_readout,
     retrieval: str = "fast",
     check: bool = True,
