@@ -135,7 +135,7 @@ def peak_bytes(method, params, xs, targets, weights, config, kind) -> int:
     for this shape, from h0 = c0 (B, Hd): the whole scan's residuals, or sparse replay's
     stored bank, keys and chunk-entry states plus one chunk's residuals. Arrays or
     ShapeDtypeStructs; only shapes and dtypes are read."""
-    h0 = jax.ShapeDtypeStruct((xs.shape[1], params["w1"].shape[0]), xs.dtype)
+    h0 = jax.ShapeDtypeStruct((xs.shape[1], params["lstm_w"].shape[1] // 4), xs.dtype)
     flat, treedef = _spec((dict(params), xs, (h0, h0), targets, weights))
     return _bytes_of(flat, treedef, method, config, kind)
 

@@ -112,6 +112,6 @@ def step_loss(params: Params, y: jax.Array, target: jax.Array, kind: str) -> jax
     """
     if kind == "mse":
         return jnp.mean(jnp.square(y - target))
-    logits = y @ params[HEAD_PARAM]
+    logits = y @ params[HEAD_PARAM] if HEAD_PARAM in params else y  # no head: y gives logits
     picked = jnp.take_along_axis(logits, target[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked)

@@ -173,7 +173,7 @@ def _per_step_loss(y, target, kind, P) -> torch.Tensor:
     n = y.shape[0]
     if kind == "mse":
         return ((y - target) ** 2).reshape(n, -1).mean(1)
-    logits = y @ P[HEAD_PARAM]
+    logits = y @ P[HEAD_PARAM] if HEAD_PARAM in P else y  # no head: y gives the logits
     ce = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), target.reshape(-1).long(), reduction="none"
     )
@@ -225,7 +225,7 @@ def check_call(params, xs, state0, targets, config, loss) -> None:
         got = tuple(h0.shape) if isinstance(h0, torch.Tensor) else type(h0).__name__
         raise MemcoreError(f"`state0` hidden must have shape (B, Hd) with B = {B}. Received: {got}")
     scorer = ("w_score",) if config.scorer == "release" else ("w1", "w2", "w3")
-    need = scorer + ((HEAD_PARAM,) if loss.kind == "xent" else ())
+    need = scorer  # xent without head_w: y gives the logits (the release's model)
     missing = [k for k in need if k not in params]
     if missing:
         raise MemcoreError(f"`params` must contain {', '.join(need)}. Received: missing {missing}")

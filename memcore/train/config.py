@@ -132,6 +132,16 @@ class SabModel:
         memory: false turns the model into a plain LSTM (nothing is ever written, so
             every read sees an empty memory and retrieves s = 0).
         out_dim: O, the width of y_t; 0 means the task's (classes for copy, 1 for adding).
+        score_rule, sparsify: SABConfig's ``scorer`` and ``sparsify`` ("memcore" or
+            "release"; the release scorer has one parameter w_score (2 Hd,)).
+        init: "memcore" (U(+-1/sqrt(fan_in)), forget-gate bias +1, b_y = 0) or "release"
+            (torch's defaults: LSTMCell U(+-1/sqrt(Hd)) everywhere, no forget-gate bias,
+            the output layer U(+-1/sqrt(2 Hd)); scorer weights N(0, 0.01)).
+        two_biases: the LSTM has b_ih and b_hh (lstm_b, lstm_b_hh), as torch's LSTMCell;
+            both get the same gradient, so the bias moves twice as fast under Adam.
+        head: a learned head_w (O, C) maps y to the logits; false: y itself (O = C) gives
+            the logits, as the release's output layer does (copy task only).
+        (docs/semantics.md, "Release-compatible mode".)
     """
 
     hidden: int = attrs.field(default=128, validator=int_min(1))
@@ -144,6 +154,11 @@ class SabModel:
     include_h0_memory: bool = attrs.field(default=False, validator=bool_)
     memory: bool = attrs.field(default=True, validator=bool_)
     out_dim: int = attrs.field(default=0, validator=int_min(0))
+    score_rule: str = attrs.field(default="memcore", validator=one_of("memcore", "release"))
+    sparsify: str = attrs.field(default="memcore", validator=one_of("memcore", "release"))
+    init: str = attrs.field(default="memcore", validator=one_of("memcore", "release"))
+    two_biases: bool = attrs.field(default=False, validator=bool_)
+    head: bool = attrs.field(default=True, validator=bool_)
     kind: str = attrs.field(default="sab", init=False)
 
 
@@ -184,6 +199,8 @@ class RoutingConfig:
         k_trunc: chunk length for sab_bptt, sparse_replay and tbptt (required there,
             rejected elsewhere); 0 = unset.
         truncate_every: Memformer only: cut the memory gradient every k steps; 0 = never.
+        truncation: SAB chunks: "memcore" (cuts entering 1-based steps 1 + m k_trunc) or
+            "release" (entering 0-based steps k_trunc - 1, 2 k_trunc - 1, ...).
     """
 
     method: str = attrs.field(
@@ -191,6 +208,7 @@ class RoutingConfig:
     )
     k_trunc: int = attrs.field(default=0, validator=int_min(0))
     truncate_every: int = attrs.field(default=0, validator=int_min(0))
+    truncation: str = attrs.field(default="memcore", validator=one_of("memcore", "release"))
 
 
 @attrs.frozen
@@ -227,6 +245,8 @@ class RunConfig:
         eval_batch: sequences per evaluation batch.
         threads: CPU threads for torch (0 = leave the framework's default).
         out: default output folder (``--out`` overrides it).
+        train_set: 0: every step draws a fresh batch; N: a fixed data set of N sequences
+            (N // batch_size batches, cycled in order, as the release's 640,000).
     """
 
     steps: int = attrs.field(validator=int_min(1))
@@ -240,6 +260,7 @@ class RunConfig:
     eval_batch: int = attrs.field(default=128, validator=int_min(1))
     threads: int = attrs.field(default=0, validator=int_min(0))
     out: str = attrs.field(default="runs/train", validator=path_)
+    train_set: int = attrs.field(default=0, validator=int_min(0))
 
 
 _TASKS = {"copy": CopyTask, "adding": AddingTask, "recall": RecallTask, "lm_recall": LMRecallTask}
@@ -287,6 +308,11 @@ class TrainConfig:
                 f"`routing.k_trunc` must be unset for method {method!r} (it truncates nothing "
                 f"there). Received: k_trunc={self.routing.k_trunc}"
             )
+        if self.run.train_set and self.run.train_set < self.run.batch_size:
+            raise MemcoreError(
+                f"`run.train_set` must be 0 or at least batch_size ({self.run.batch_size}). "
+                f"Received: train_set={self.run.train_set}"
+            )
         if self.routing.truncate_every and self.model.kind not in ("memformer", "memformer_lm"):
             raise MemcoreError(
                 "`routing.truncate_every` must be unset for model 'sab' (it is Memformer's). "
@@ -298,6 +324,11 @@ class TrainConfig:
                     "`model.memory` must be false for routing 'tbptt' (a plain LSTM trained "
                     "with truncated BPTT; SAB with truncation is 'sparse_replay' or 'sab_bptt'). "
                     "Received: memory=true"
+                )
+            if not self.model.head and (self.task.name != "copy" or self.model.out_dim):
+                raise MemcoreError(
+                    "`model.head` may be false only for task 'copy' with out_dim unset "
+                    "(y gives the logits). Received: head=false"
                 )
             if method in ("sab_bptt", "sparse_replay") and not self.model.memory:
                 raise MemcoreError(

@@ -41,6 +41,7 @@ from memcore.train.tasks import (
     batch_rng,
     make_batch,
     scored_steps,
+    train_index,
 )
 
 __all__ = [
@@ -120,7 +121,8 @@ def device_batch(
     """Training batch ``step`` (0-based, the trainer's seeded stream) as device arrays:
     (xs (T, B, I), targets, loss weights (T,))."""
     run = config.run
-    batch = make_batch(config.task, batch_rng(run.seed, STREAM_TRAIN, step), run.batch_size)
+    rng = batch_rng(run.seed, STREAM_TRAIN, train_index(run, step))
+    batch = make_batch(config.task, rng, run.batch_size)
     return (
         _put(batch.xs, _float_dtype(dtype), device),
         _targets(config, batch.targets, dtype, device),
@@ -306,7 +308,8 @@ def train_fast(
     t0 = time.perf_counter()
     try:
         for step in range(start, end):
-            batch = make_batch(config.task, batch_rng(run.seed, STREAM_TRAIN, step), run.batch_size)
+            rng = batch_rng(run.seed, STREAM_TRAIN, train_index(run, step))
+            batch = make_batch(config.task, rng, run.batch_size)
             xs = _put(batch.xs, _float_dtype(dtype), device)
             targets = _targets(config, batch.targets, dtype, device)
             weights = _put(np.asarray(batch.weights), _float_dtype(dtype), device)

@@ -30,7 +30,7 @@ from memcore.errors import MemcoreError
 from memcore.routing_types import HEAD_PARAM, Loss
 from memcore.train.config import TrainConfig
 from memcore.train.evaluate import score
-from memcore.train.model import core_config, init_params, loss_kind
+from memcore.train.model import core_config, init_params, loss_kind, release_points
 from memcore.train.optim import AdamState
 from memcore.train.tasks import (
     STREAM_EVAL,
@@ -39,6 +39,7 @@ from memcore.train.tasks import (
     batch_rng,
     make_batch,
     scored_steps,
+    train_index,
 )
 
 __all__ = ["TrainStep", "evaluate", "supports", "train_fast", "wanted"]
@@ -60,7 +61,8 @@ def wanted(config: TrainConfig, backend: str, device: str | None, fast: bool | N
     CPU only when asked (``fast=True``); never with ``fast=False``."""
     if backend != "torch" or not supports(config) or fast is False:
         return False
-    return bool(fast) or (device or "").startswith("cuda")
+    # Release-compatible settings (issue 14.4) train on this path only, on any device.
+    return bool(fast) or (device or "").startswith("cuda") or bool(release_points(config))
 
 
 class TrainStep:
@@ -315,14 +317,15 @@ def train_fast(
     try:
         with tr._threads(setup.backend, run.threads):
             for step in range(start, end):
-                rng = batch_rng(run.seed, STREAM_TRAIN, step)
+                rng = batch_rng(run.seed, STREAM_TRAIN, train_index(run, step))
                 batch = make_batch(config.task, rng, run.batch_size)
                 done = step + 1
                 logged = done % run.log_every == 0 or done == run.steps
                 if logged:  # accuracy of the parameters that produced this loss, on this batch
                     metrics = _metrics(config, view, batch, dtype, device)
                     history["train"].append({"step": done, **metrics})
-                if step == start:  # the routing's accounted bytes, from the library driver once
+                if step == start and not release_points(config):  # the routing's accounted bytes,
+                    # from the library driver once (release settings: not counted)
                     be = setup.backend
                     xs = be.from_numpy(batch.xs, dtype=dtype, device=device)
                     tg = tr._targets(setup, config, batch.targets)

@@ -30,6 +30,7 @@ __all__ = [
     "forward_outputs",
     "init_params",
     "loss_kind",
+    "release_points",
     "routed_gradient",
     "sab_state0",
 ]
@@ -51,6 +52,23 @@ def _out_dim(config: TrainConfig) -> int:
     return num_classes(config.task) or 1
 
 
+def release_points(config: TrainConfig) -> list[str]:
+    """The SAB model's settings that only the compiled paths (memcore.train.fast_torch,
+    fast_jax) train: release scorer, sparsifier or truncation, two biases, no head."""
+    model = config.model
+    if not isinstance(model, SabModel):
+        return []
+    points = [f"{k}={getattr(model, k)!r}" for k in ("score_rule", "sparsify")
+              if getattr(model, k) != "memcore"]  # fmt: skip
+    if config.routing.truncation != "memcore":
+        points.append(f"truncation={config.routing.truncation!r}")
+    if model.two_biases:
+        points.append("two_biases=true")
+    if not model.head:
+        points.append("head=false")
+    return points
+
+
 def core_config(config: TrainConfig) -> SABConfig | MemoryConfig:
     """The memcore config the routing drivers get (memory off: k_att = NEVER)."""
     model = config.model
@@ -64,6 +82,9 @@ def core_config(config: TrainConfig) -> SABConfig | MemoryConfig:
         threshold_grad=model.threshold_grad,
         block_score_grad=model.block_score_grad,
         include_h0_memory=model.include_h0_memory and model.memory,
+        scorer=model.score_rule,
+        sparsify=model.sparsify,
+        truncation=config.routing.truncation,
     )
 
 
@@ -91,6 +112,10 @@ def init_params(config: TrainConfig, rng: np.random.Generator) -> dict[str, np.n
         return params
     I, Hd = input_size(config.task), model.hidden
     A, O = model.scorer or Hd, _out_dim(config)
+    if model.init == "release" or model.score_rule == "release" or model.two_biases:
+        from memcore.train.release import release_params  # noqa: PLC0415
+
+        return release_params(config, rng, I, Hd, A, O)
     bias = u((4 * Hd,), Hd)
     bias[Hd : 2 * Hd] += 1.0  # forget gate: remember by default
     params = {
@@ -104,7 +129,7 @@ def init_params(config: TrainConfig, rng: np.random.Generator) -> dict[str, np.n
         "b_y": np.zeros(O),
     }
     assert tuple(params) == SAB_PARAMS
-    if loss_kind(config) == "xent":
+    if loss_kind(config) == "xent" and model.head:
         params[HEAD_PARAM] = u((O, num_classes(config.task)), O)
     return params
 
@@ -151,6 +176,14 @@ def routed_gradient(
         from memcore.train.lm_task import routed_gradient_lm
 
         return routed_gradient_lm(backend, config, params, xs, targets, weights)
+    if release_points(config):
+        from memcore.errors import MemcoreError  # noqa: PLC0415
+
+        raise MemcoreError(
+            "Release-compatible SAB settings train on the compiled path only "
+            "(memcore train --backend torch or jax). Received: "
+            + ", ".join(release_points(config))
+        )
     loss = Loss(loss_kind(config), weights)
     method, core = config.routing.method, core_config(config)
     if isinstance(config.model, MemformerModel):

@@ -30,6 +30,7 @@ __all__ = [
     "num_classes",
     "recall_table",
     "scored_steps",
+    "train_index",
 ]
 
 STREAM_TRAIN, STREAM_EVAL, STREAM_INIT = 0, 1, 2
@@ -53,6 +54,15 @@ class Batch:
 def batch_rng(seed: int, stream: int, index: int) -> np.random.Generator:
     """The generator of batch ``index`` of ``stream`` (train, eval or init) for ``seed``."""
     return np.random.default_rng([int(seed), int(stream), int(index)])
+
+
+def train_index(run: Any, step: int) -> int:
+    """The training-stream batch index of 0-based ``step``: ``step`` itself (a fresh batch
+    every step), or with ``run.train_set`` = N a fixed data set of N // batch_size batches
+    cycled in order (epoch e repeats epoch 0's batches)."""
+    if not run.train_set:
+        return step
+    return step % (run.train_set // run.batch_size)
 
 
 def input_size(task: Any) -> int:

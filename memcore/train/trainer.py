@@ -48,6 +48,7 @@ from memcore.train.tasks import (
     baseline,
     batch_rng,
     make_batch,
+    train_index,
 )
 
 __all__ = ["CHECKPOINT", "PLOT", "RESULTS", "TrainingInterrupted", "train"]
@@ -307,7 +308,7 @@ def _step(
     run, be = config.run, setup.backend
     _, params, opt = last
     dim = getattr(config.model, "dim", 0)
-    rng = batch_rng(run.seed, STREAM_TRAIN, step)
+    rng = batch_rng(run.seed, STREAM_TRAIN, train_index(run, step))
     batch = make_batch(config.task, rng, run.batch_size, dim=dim)
     xs = be.from_numpy(batch.xs, dtype=setup.dtype, device=setup.device)
     state0 = None
