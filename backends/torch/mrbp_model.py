@@ -43,6 +43,7 @@ from memcore.errors import MemcoreError
 
 __all__ = ["MRBP", "MRBPOutput", "mrbp", "recompute"]
 
+
 class MRBPOutput(NamedTuple):
     """loss: L = loss_scale * sum_t loss_t, 0-d and detached (no host sync); memory: M_T,
     detached, in the memory's pytree structure, for the next rollout."""
