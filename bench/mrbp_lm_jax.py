@@ -255,6 +255,7 @@ def markdown(rows: list[dict]) -> str:
             "grad rel err vs BPTT |")
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     g = lambda v: "-" if v is None else f"{v / 2**30:.2f}"
+    x = lambda v, d=3: "-" if v is None else f"{v:.{d}f}x"
     for r in rows:
         if "error" in r:
             lines.append(f"| {r.get('precision')} | | {r['method']} | error: {r['error'][-80:]!r} |")
@@ -264,9 +265,9 @@ def markdown(rows: list[dict]) -> str:
         comp = "-" if r.get("compile_s") is None else f"{r['compile_s']:.1f}"
         lines.append(
             f"| {r['precision']} | {r['T']} | {r['method']} | {r['median_s']:.4f} | "
-            f"{r.get('speed_vs_bptt', float('nan')):.2f}x | {g(r.get('peak_bytes'))} | "
-            f"{r.get('memory_vs_bptt', float('nan')):.3f}x | {r.get('added_vs_bptt', float('nan')):.3f}x | "
-            f"{g(r.get('xla_peak_bytes'))} | {r.get('xla_memory_vs_bptt', float('nan')):.3f}x | "
+            f"{x(r.get('speed_vs_bptt'), 2)} | {g(r.get('peak_bytes'))} | "
+            f"{x(r.get('memory_vs_bptt'))} | {x(r.get('added_vs_bptt'))} | "
+            f"{g(r.get('xla_peak_bytes'))} | {x(r.get('xla_memory_vs_bptt'))} | "
             f"{g(host)} | {comp} | {'-' if err is None else f'{err:.1e}'} |"
         )
     return "\n".join(lines)
