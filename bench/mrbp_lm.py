@@ -113,9 +113,11 @@ def _methods(args: argparse.Namespace) -> list[str]:
     return names
 
 
-def check_exact(model: MemformerLM, args: argparse.Namespace, device) -> dict[str, float]:
+def check_exact(model: MemformerLM, args: argparse.Namespace, device) -> dict[str, Any]:
     """Every method's gradient vs BPTT's in float32 with TF32 off; asserts rel error < tol.
-    ``--check-T 0`` skips it (the per-setting comparisons with BPTT still run)."""
+    ``--check-T 0`` skips it (the per-setting comparisons with BPTT still run). On CUDA a
+    method that fails (error or tolerance) is recorded as such and the run goes on: one
+    device call must not lose every other method's figures."""
     if args.check_T <= 0:
         return {}
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -127,11 +129,18 @@ def check_exact(model: MemformerLM, args: argparse.Namespace, device) -> dict[st
         for name in _methods(args):
             if name == "bptt":
                 continue
-            err = rel_error(
-                _grads(model, make_runner(name, model, tokens, targets, None, args)), ref
-            )
-            errors[name] = err
-            assert err < args.check_tol, f"{name}: gradient rel error {err:.2e} vs BPTT (fp32)"
+            try:
+                err = rel_error(
+                    _grads(model, make_runner(name, model, tokens, targets, None, args)), ref
+                )
+                errors[name] = err
+                assert err < args.check_tol, f"{name}: gradient rel error {err:.2e} vs BPTT"
+            except Exception as exc:
+                if not cuda():
+                    raise
+                errors[name] = f"FAILED {type(exc).__name__}: {str(exc)[:300]}"
+                print(f"exact check {name}: {errors[name]}", flush=True)
+                model.zero_grad(set_to_none=False)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         _collect()  # the runners' graphs and buffers must not count in the first method's peak
