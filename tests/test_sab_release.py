@@ -381,3 +381,76 @@ def test_jax_drivers_equal_the_reference(mode):
         assert _rel(np.asarray(d0[0]), want.d_state0[0]) < 1e-10, driver
     ys, _ = jm.sab_outputs(jm.LSTM_NET, J, xs, s0, config=cfg, first=2)
     assert _rel(np.asarray(ys), _reference_outputs(p, xs, s0, cfg)[2:]) < 1e-12
+
+
+# ----------------------------------------------------------------------------- training
+def _write_tiny(src, dst, steps):
+    import re
+
+    text = src.read_text()
+    for key, value in (("T", 6), ("n_digits", 3), ("hidden", 8), ("steps", steps),
+                       ("batch_size", 4), ("log_every", 1), ("checkpoint_every", 0),
+                       ("eval_every", 0), ("eval_size", 8), ("eval_batch", 8), ("train_set", 8)):
+        text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+    text = re.sub(r"(?m)^transfer_T = .*$", "transfer_T = []", text)
+    dst.write_text(text)
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_trainer_runs_release_mode_with_its_options(tmp_path, backend):
+    """memcore train on configs/copy_sab_t100_release.toml (shrunk): trains on the compiled
+    path, release parameters (w_score, lstm_b_hh, no head_w), a fixed data set, finite loss."""
+    pytest.importorskip(backend)
+    import pathlib
+
+    from memcore.train.config import load_config
+    from memcore.train.model import core_config, init_params, release_points
+    from memcore.train.tasks import batch_rng, train_index
+    from memcore.train.trainer import train
+
+    _write_tiny(pathlib.Path("configs/copy_sab_t100_release.toml"), tmp_path / "c.toml", 3)
+    cfg = load_config(tmp_path / "c.toml")
+    assert core_config(cfg).trunc_phase == 4 and core_config(cfg).sparsify == "release"
+    assert len(release_points(cfg)) == 5
+    p = init_params(cfg, batch_rng(0, 2, 0))
+    assert {"w_score", "lstm_b_hh"} <= set(p) and HEAD_PARAM not in p and "w1" not in p
+    assert p["v1"].shape == (8, 10) and abs(p["w_score"]).max() < 0.06
+    assert [train_index(cfg.run, s) for s in range(5)] == [0, 1, 0, 1, 0]
+    res = train(cfg, backend=backend, out=str(tmp_path / "run"))
+    assert res["finished"] and np.isfinite(res["history"]["loss"]).all()
+    with pytest.raises(MemcoreError, match="compiled path only"):
+        from memcore.train.model import routed_gradient
+
+        routed_gradient(None, cfg, p, None, None, ())
+
+
+def test_repro_scripts_run_and_resume_on_cpu(tmp_path):
+    """scripts/gpu_issue14_repro.sh at tiny sizes on the CPU: a second call resumes the first
+    call's run from its tarball and starts another; transfer evaluation; the table."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    root = pathlib.Path.cwd()
+    for steps, cfgs in ((2, tmp_path / "c1"), (3, tmp_path / "c2")):
+        cfgs.mkdir()
+        for name in ("copy_bptt_t100", "copy_tbptt_t100", "copy_sab_t100", "copy_sab_t100_release"):
+            _write_tiny(root / "configs" / f"{name}.toml", cfgs / f"{name}.toml", steps)
+    env = dict(os.environ, ROOT=str(tmp_path / "r1"), DEVICE="cpu", CONFIG_DIR=str(tmp_path / "c1"),
+               OUT=str(tmp_path), PATH=f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}")
+    script = str(root / "scripts/gpu_issue14_repro.sh")
+    env["RUNS"] = "sab_release"  # the first call trains one run (2 steps) ...
+    subprocess.run(["bash", script, "60"], env=env, check=True, capture_output=True, timeout=300)
+    env["RUNS"] = "bptt sab_release"  # ... the second resumes it (to step 3) and starts one more
+    assert (tmp_path / "runs.tar.gz").is_file() and (tmp_path / "README.md").is_file()
+    env.update(ROOT=str(tmp_path / "r2"), CONFIG_DIR=str(tmp_path / "c2"), EVAL="1", EVAL_T="9")
+    out = subprocess.run(["bash", script, "60", str(tmp_path / "runs.tar.gz")], env=env,
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    assert "sab_release 3" in out and "bptt 3" in out
+    assert "--resume" in (tmp_path / "r2" / "logs" / "sab_release.log").read_text()
+    readme = (tmp_path / "r2" / "README.md").read_text()
+    assert "| SAB k_trunc 5 k_top 5 (release mode) | 3 |" in readme and "| 99.8 |" in readme
+    transfer = (tmp_path / "r2" / "runs" / "sab_release" / "transfer.json").read_text()
+    assert '"9"' in transfer and '"6"' in transfer
