@@ -55,6 +55,13 @@ def build_parser(prog: str = "memcore train") -> argparse.ArgumentParser:
         metavar="N",
         help="checkpoint and stop after N steps of this call (finish later with --resume)",
     )
+    p.add_argument(
+        "--devices",
+        default=None,
+        metavar="all|N",
+        help="jax: shard the global batch over all (or N) local devices; torch runs "
+        "data-parallel under torchrun --nproc-per-node N (docs/distributed.md)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
@@ -102,6 +109,7 @@ def _main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return USAGE_ERROR
+    from memcore.train import distributed
     from memcore.train.config import load_config
     from memcore.train.trainer import PLOT, RESULTS, train
 
@@ -115,11 +123,16 @@ def _main(argv: list[str]) -> int:
             resume=args.resume,
             switch_backend=args.switch_backend,
             stop_after=args.stop_after,
-            progress=None if args.quiet else sys.stderr,
+            progress=None if args.quiet or distributed.env_rank() else sys.stderr,
+            devices=args.devices,
         )
     except MemcoreError as exc:
         print(f"memcore train: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
+    finally:
+        distributed.shutdown()  # the torchrun process group, if train created it
+    if distributed.env_rank():  # torchrun: rank 0 alone reports
+        return 0
     out = args.out or config.run.out
     final = ", ".join(f"{k} {v:.4g}" for k, v in results["final_eval"].items())
     base = ", ".join(f"{k} {v:.4g}" for k, v in results["baseline"].items())

@@ -145,7 +145,11 @@ def default_unroll(device: str | None = None) -> int:
 
 
 def make_train_step(
-    config: TrainConfig, dtype: str = "float32", donate: bool = False, unroll: int | None = None
+    config: TrainConfig,
+    dtype: str = "float32",
+    donate: bool = False,
+    unroll: int | None = None,
+    mesh: Any = None,
 ):
     """The whole training step, jitted once per shape:
     ``step(params, opt, xs, targets, weights) -> (params, opt, loss, grad_norm)``.
@@ -156,12 +160,16 @@ def make_train_step(
     place (their old buffers are then invalid; the CPU ignores donation). ``unroll``: the
     scans' steps per loop iteration (None: :func:`default_unroll`). Sparse replay tests each
     chunk for gradient only when the task has zero loss weights (else it replays them all).
+    ``mesh``: data parallel (docs/distributed.md): xs and targets sharded along B over the
+    mesh's axis "batch", params and Adam replicated, the gradient computed per device and
+    averaged in one psum (:func:`memcore.train.distributed.shard_gradient`).
     """
-    return _make_train_step(config, dtype, donate, default_unroll() if unroll is None else unroll)
+    unroll = default_unroll() if unroll is None else unroll
+    return _make_train_step(config, dtype, donate, unroll, mesh)
 
 
 @functools.lru_cache(maxsize=16)
-def _make_train_step(config: TrainConfig, dtype: str, donate: bool, unroll: int):
+def _make_train_step(config: TrainConfig, dtype: str, donate: bool, unroll: int, mesh: Any):
     jax = _jax()
     jnp = jax.numpy
     from memcore.backends.jax import sab_model  # noqa: PLC0415
@@ -178,13 +186,22 @@ def _make_train_step(config: TrainConfig, dtype: str, donate: bool, unroll: int)
     b1, b2, eps, clip = o.beta1, o.beta2, o.eps, o.clip_norm
     hidden = config.model.hidden
 
-    def step(params, opt, xs, targets, weights):
-        dt = xs.dtype
-        zeros = jnp.zeros((xs.shape[1], hidden), dt)
+    def gradient(params, xs, targets, weights):
+        zeros = jnp.zeros((xs.shape[1], hidden), xs.dtype)
         loss, grads, _ = driver(
             sab_model.LSTM_NET, params, xs, (zeros, zeros), targets, weights, config=core,
             loss=kind, **options,
         )  # fmt: skip
+        return loss, grads
+
+    if mesh is not None:  # each device's rows, one psum of every gradient and the loss
+        from memcore.train.distributed import shard_gradient  # noqa: PLC0415
+
+        gradient = shard_gradient(gradient, mesh)
+
+    def step(params, opt, xs, targets, weights):
+        dt = xs.dtype
+        loss, grads = gradient(params, xs, targets, weights)
         norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree_util.tree_leaves(grads)))
         if clip > 0.0:
             coef = clip / (norm + 1e-6)
@@ -202,7 +219,18 @@ def _make_train_step(config: TrainConfig, dtype: str, donate: bool, unroll: int)
             new_m[k], new_v[k] = m, v
         return new_p, JaxAdam(opt.step + 1, new_m, new_v), loss, norm
 
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    from memcore.train.distributed import AXIS  # noqa: PLC0415
+
+    spec, named = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+    rep, rows = named(mesh, spec()), named(mesh, spec(None, AXIS))
+    return jax.jit(
+        step,
+        in_shardings=(rep, rep, rows, rows, rep),
+        out_shardings=rep,
+        donate_argnums=(0, 1) if donate else (),
+    )
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -280,7 +308,10 @@ def train_fast(
         opt, start, history = adam_zeros(params), 0, tr._new_history()
     end = run.steps if stop_after is None else min(run.steps, start + stop_after)
     on_cpu = jax.devices()[0].platform == "cpu" if device is None else device == "cpu"
-    step_fn = make_train_step(config, dtype, donate=not on_cpu, unroll=default_unroll(device))
+    mesh = None if getattr(setup, "dp", None) is None else setup.dp.mesh  # --devices
+    step_fn = make_train_step(
+        config, dtype, donate=not on_cpu, unroll=default_unroll(device), mesh=mesh
+    )
     bar = tr._Progress(run.steps, progress)
     pending: list[tuple[int, Any, Any]] = []  # (step, loss, norm) not yet read back
 

@@ -73,12 +73,16 @@ class TrainStep:
         opt: Adam's state (step count and moments, NumPy or tensors).
         dtype: "float32" or "float64"; device: e.g. "cpu", "cuda:0".
         graph: capture as a CUDA graph (default: on CUDA devices).
+        dp: a torch ``distributed.DataParallel``: ``.grad`` become views of one flat
+            buffer, all-reduced with the loss once per step (part of the graph).
 
     Attributes:
         params, m, v: name -> tensor (updated in place by :meth:`__call__`).
     """
 
-    def __init__(self, config, params, opt: AdamState, *, dtype="float32", device=None, graph=None):
+    def __init__(
+        self, config, params, opt: AdamState, *, dtype="float32", device=None, graph=None, dp=None
+    ):
         torch = _torch()
         from memcore.backends.torch._common import torch_dtype  # noqa: PLC0415
 
@@ -92,6 +96,11 @@ class TrainStep:
         self.params = {k: put(v).requires_grad_(True) for k, v in params.items()}
         for p in self.params.values():
             p.grad = torch.zeros_like(p)  # accumulated in place by every backward
+        self.reducer = None
+        if dp is not None:  # no DDP reducer: one explicit all-reduce, capturable in the graph
+            from memcore.train.distributed import GradBuffer  # noqa: PLC0415
+
+            self.reducer = GradBuffer(self.params, dp.world)
         self.m = {k: put(v) for k, v in opt.m.items()}
         self.v = {k: put(v) for k, v in opt.v.items()}
         self.t = torch.tensor([int(opt.step)], dtype=torch.int64, device=self.dev)
@@ -143,6 +152,8 @@ class TrainStep:
             )  # fmt: skip
             run.loss.backward()
             total = run.loss.detach().to(torch.float64)
+        if self.reducer is not None:  # ranks: mean gradients and loss, one all-reduce
+            total = self.reducer.all_reduce(total)
         with torch.no_grad():
             self._update([p.grad for p in P.values()])
             self.loss_out.copy_(total)
@@ -274,6 +285,7 @@ def train_fast(
     """:func:`memcore.train.trainer.train` after its checks (``setup``), with the compiled
     step: same batches, history, checkpoints, interrupt handling and results."""
     from memcore.train import trainer as tr  # noqa: PLC0415 - trainer imports this module lazily
+    from memcore.train.distributed import local_batch  # noqa: PLC0415
     from memcore.train.model import routed_gradient, sab_state0  # noqa: PLC0415
 
     run, dtype, device, ckpt = config.run, setup.dtype, setup.device, setup.ckpt
@@ -285,7 +297,8 @@ def train_fast(
         zeros = {k: np.zeros_like(v) for k, v in params.items()}
         opt, start, history = AdamState(0, zeros, dict(zeros)), 0, tr._new_history()
     end = run.steps if stop_after is None else min(run.steps, start + stop_after)
-    step_fn = TrainStep(config, params, opt, dtype=dtype, device=device)
+    dp = getattr(setup, "dp", None)
+    step_fn = TrainStep(config, params, opt, dtype=dtype, device=device, dp=dp)
     bar = tr._Progress(run.steps, progress)
     pending: list[tuple[int, Any, Any]] = []  # (step, loss, norm) not yet read back
 
@@ -319,6 +332,7 @@ def train_fast(
             for step in range(start, end):
                 rng = batch_rng(run.seed, STREAM_TRAIN, train_index(run, step))
                 batch = make_batch(config.task, rng, run.batch_size)
+                local = local_batch(setup, batch)  # this rank's rows of the global batch
                 done = step + 1
                 logged = done % run.log_every == 0 or done == run.steps
                 if logged:  # accuracy of the parameters that produced this loss, on this batch
@@ -327,13 +341,13 @@ def train_fast(
                 if step == start and not release_points(config):  # the routing's accounted bytes,
                     # from the library driver once (release settings: not counted)
                     be = setup.backend
-                    xs = be.from_numpy(batch.xs, dtype=dtype, device=device)
-                    tg = tr._targets(setup, config, batch.targets)
-                    s0 = sab_state0(be, run.batch_size, config.model.hidden, dtype, device)
+                    xs = be.from_numpy(local.xs, dtype=dtype, device=device)
+                    tg = tr._targets(setup, config, local.targets)
+                    s0 = sab_state0(be, xs.shape[1], config.model.hidden, dtype, device)
                     res = routed_gradient(be, config, view, xs, tg, batch.weights, s0)
                     peak = int(res.peak_cache_bytes)
                     history["peak_cache_bytes"] = max(history["peak_cache_bytes"], peak)
-                loss, norm = step_fn(batch)
+                loss, norm = step_fn(local)
                 pending.append((done, loss.clone(), norm.clone()))
                 last = done
                 evals = bool(run.eval_every and done % run.eval_every == 0 and done != run.steps)

@@ -30,6 +30,7 @@ import numpy as np
 
 from memcore.errors import MemcoreError
 from memcore.registry import get_backend
+from memcore.train import distributed
 from memcore.train.checkpoint import (
     Checkpoint,
     _check_same_run,  # noqa: F401 - fast_jax.py reaches it as trainer._check_same_run
@@ -85,6 +86,7 @@ class _Setup:
     out: pathlib.Path
     ckpt: Checkpoint | None = None
     backends: tuple[tuple[int, str], ...] = ()
+    dp: Any = None  # distributed.DataParallel of a data-parallel run
 
 
 def _prepare(
@@ -94,11 +96,13 @@ def _prepare(
     out: str | None,
     resume: bool,
     switch_backend: bool = False,
+    devices: str | int | None = None,
 ) -> _Setup:
     """Every check that can fail before training; returns the resolved setup."""
     # None follows the registry's precedence (MEMCORE_BACKEND, memcore.toml, numpy);
     # an unknown name is a MemcoreError listing the available ones.
     be = get_backend(backend)
+    dp, device = distributed.setup(be.name, device, config, devices)  # torchrun ranks, a mesh
     names = tuple(be.devices())
     if device is not None and ("cuda:0" if device == "cuda" else device) not in names:
         raise MemcoreError(
@@ -123,7 +127,7 @@ def _prepare(
             f"`--out` {str(path)!r} already holds a checkpoint. Received: no --resume "
             "(pass --resume to continue that run, or choose another --out)"
         )
-    setup = _Setup(be, device, config.run.dtype, path, backends=((0, be.name),))
+    setup = _Setup(be, device, config.run.dtype, path, backends=((0, be.name),), dp=dp)
     if resume:
         setup.ckpt = load_checkpoint(path / CHECKPOINT)
         setup.backends = check_resume(config, setup.ckpt, be.name, switch_backend)
@@ -212,6 +216,7 @@ def train(
     progress: TextIO | None = None,
     switch_backend: bool = False,
     fast: bool | None = None,
+    devices: str | int | None = None,
 ) -> dict[str, Any]:
     """Train ``config``; write checkpoints, ``results.json`` and ``curves.png`` in the out folder.
 
@@ -231,6 +236,8 @@ def train(
         fast: torch SAB runs only: the compiled step (:mod:`memcore.train.fast_torch`);
             None = on CUDA devices, False = never, True = also on the CPU. JAX SAB runs
             take :mod:`memcore.train.fast_jax` everywhere unless False.
+        devices: jax only: "all" or N shards the global batch over a mesh of the local
+            devices (docs/distributed.md); torch runs data-parallel under torchrun.
 
     Returns:
         The results dict (also written as JSON); "finished" says whether run.steps was reached.
@@ -239,7 +246,7 @@ def train(
         MemcoreError: a bad setup, found before the first step.
         TrainingInterrupted: an interrupt; the last finished step is checkpointed first.
     """
-    setup = _prepare(config, backend, device, out, resume, switch_backend)
+    setup = _prepare(config, backend, device, out, resume, switch_backend, devices)
     if setup.backend.name == "jax" and config.model.kind == "sab" and fast is not False:
         from memcore.train.fast_jax import train_fast
 
@@ -310,12 +317,15 @@ def _step(
     dim = getattr(config.model, "dim", 0)
     rng = batch_rng(run.seed, STREAM_TRAIN, train_index(run, step))
     batch = make_batch(config.task, rng, run.batch_size, dim=dim)
-    xs = be.from_numpy(batch.xs, dtype=setup.dtype, device=setup.device)
+    local = distributed.local_batch(setup, batch)  # this rank's rows of the global batch
+    xs = be.from_numpy(local.xs, dtype=setup.dtype, device=setup.device)
     state0 = None
     if config.model.kind == "sab":
-        state0 = sab_state0(be, run.batch_size, config.model.hidden, setup.dtype, setup.device)
-    targets = _targets(setup, config, batch.targets)
+        rows = int(local.xs.shape[1])
+        state0 = sab_state0(be, rows, config.model.hidden, setup.dtype, setup.device)
+    targets = _targets(setup, config, local.targets)
     res = routed_gradient(be, config, params, xs, targets, batch.weights, state0)
+    res = distributed.reduce_result(setup, res)  # ranks: the mean, in one all-reduce
     if not math.isfinite(res.loss):
         raise MemcoreError(
             "Training diverged: the loss must stay finite. "
@@ -357,6 +367,8 @@ def _save(
     done: int,
     history: dict[str, Any],
 ) -> None:
+    if not distributed.is_main(setup):  # rank 0 writes the checkpoint
+        return
     np_ = setup.backend.to_numpy
     save_checkpoint(
         setup.out / CHECKPOINT,
@@ -402,6 +414,7 @@ def _results(
         "transfer": transfer,
         "history": history,
     }
-    (setup.out / RESULTS).write_text(json.dumps(results, indent=1))
-    plot_history(setup.out / PLOT, config, history, final, done)
+    if distributed.is_main(setup):
+        (setup.out / RESULTS).write_text(json.dumps(results, indent=1))
+        plot_history(setup.out / PLOT, config, history, final, done)
     return results
