@@ -3,6 +3,8 @@ argument, what it must be and what was received, raised before any computation."
 
 from __future__ import annotations
 
+import sys
+
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -33,6 +35,11 @@ def _is_array(x: Any) -> bool:
 
 
 def _all_true(mask: Any) -> bool:
+    """True when every entry is; also True for a JAX tracer, whose values are unknown while
+    tracing (the same rule as ``all_finite``, docs/semantics.md section 9)."""
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(mask, jax.core.Tracer):
+        return True
     return bool(array_namespace(mask).all(mask))
 
 

@@ -405,3 +405,39 @@ def test_torch_and_jax_routing_agree():
     ):
         _agree(j, t, TIGHT, f"jax vs torch {label}")
     assert results["jax"][2].replayed_chunks == results["torch"][2].replayed_chunks
+
+
+@needs_x64
+def test_routing_drivers_compose_with_jit():
+    """bptt, mrbp(checkpoint), sab_bptt and sab_sparse_replay run inside jax.jit and agree
+    with their eager results; the RoutingResult leaves the jitted function as a pytree."""
+    mf = build_case(MF["mse-resets-mask-trunc"], 3)
+    params, xs, m0, targets = _args(mf)
+    kw = _mf_kw(mf)
+    for fn in (
+        lambda p, x, m, y: BE.bptt("memformer", p, x, m, y, **kw),
+        lambda p, x, m, y: BE.mrbp(p, x, m, y, **kw),
+    ):
+        eager = fn(params, xs, m0, targets)
+        jitted = jax.jit(fn)(params, xs, m0, targets)
+        assert isinstance(jitted.loss, jax.Array)
+        _agree(jitted, eager, TIGHT, "jit vs eager memformer")
+    sab = build_case(SAB["skip-block-xent"], 3)
+    params, xs, s0, targets = _args(sab)
+    for name in ("sab_bptt", "sab_sparse_replay"):
+        def fn(p, x, s, y, name=name):
+            return getattr(BE, name)(p, x, s, y, config=sab.config, loss=sab.loss)
+
+        _agree(jax.jit(fn)(params, xs, s0, targets), fn(params, xs, s0, targets), TIGHT, name)
+    # jax.grad through a driver's loss (no truncation, whose stop-gradient FD cannot see):
+    # d/dscale of L(scale * xs) against a central difference.
+    xent = build_case(MF["xent"], 3)
+    params, xs, m0, targets = _args(xent)
+
+    def loss_of(scale):
+        return BE.bptt("memformer", params, scale * xs, m0, targets, **_mf_kw(xent)).loss
+
+    g = jax.grad(loss_of)(1.0)
+    eps = 1e-6
+    fd = (loss_of(1.0 + eps) - loss_of(1.0 - eps)) / (2 * eps)
+    assert abs(float(g) - float(fd)) <= 1e-6 * max(1.0, abs(float(fd)))

@@ -15,11 +15,22 @@ import jax
 import jax.numpy as jnp
 from memcore.backends.jax._common import compute_dtype
 
-from memcore.routing_types import Loss
+from memcore.routing_types import Loss, RoutingResult
 
-__all__ = ["held_bytes", "tree_add", "vjp_driver", "weights_array"]
+__all__ = ["held_bytes", "scalar", "tree_add", "vjp_driver", "weights_array"]
 
 tree_add = functools.partial(jax.tree_util.tree_map, jnp.add)
+
+
+def scalar(value: Any) -> Any:
+    """``float(value)`` for a concrete loss; the traced array itself under ``jax.jit``/``grad``.
+
+    A traced value has no number yet, so a driver called inside a transformation returns
+    the loss as a 0-d array (its :class:`RoutingResult` is a pytree, see ``_pytrees``).
+    """
+    if isinstance(value, jax.core.Tracer):
+        return value
+    return float(value)
 
 
 def held_bytes(arrays: Iterable[Any], exclude: Iterable[Any] = ()) -> int:
@@ -46,3 +57,17 @@ def vjp_driver(fn, params, state0, caller_inputs) -> tuple[Any, Any, Any, Any, i
     held = held_bytes(jax.tree_util.tree_leaves(pull), exclude=(params, state0, caller_inputs))
     grads, d_state0 = pull(jnp.ones_like(loss))
     return loss, final, grads, d_state0, held
+
+
+def _flatten_result(r: RoutingResult) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    return (r.loss, r.grads, r.d_state0, r.final_state), (r.peak_cache_bytes, r.replayed_chunks)
+
+
+def _unflatten_result(aux: tuple[Any, ...], children: Iterable[Any]) -> RoutingResult:
+    loss, grads, d_state0, final_state = children
+    return RoutingResult(loss, grads, d_state0, final_state, *aux)
+
+
+# A RoutingResult leaves a jitted function like any pytree: the arrays (and the loss) are
+# leaves, the byte count and the replayed chunks are static.
+jax.tree_util.register_pytree_node(RoutingResult, _flatten_result, _unflatten_result)

@@ -32,7 +32,13 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from memcore.backends.jax._driver import held_bytes, tree_add, vjp_driver, weights_array
+from memcore.backends.jax._driver import (
+    held_bytes,
+    scalar,
+    tree_add,
+    vjp_driver,
+    weights_array,
+)
 from memcore.backends.jax.sab_routing import sab_bptt, sab_full_bptt, sab_sparse_replay
 from memcore.backends.jax.steps import memformer_step, step_loss
 
@@ -143,7 +149,7 @@ def _mf_rollout(
             loss.kind,
             truncate_every,
         )[1]
-    return RoutingResult(float(value), grads, d_m0, final, held)
+    return RoutingResult(scalar(value), grads, d_m0, final, held)
 
 
 def _mf_step_residual_bytes(

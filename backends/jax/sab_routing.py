@@ -18,7 +18,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from memcore.backends.jax._driver import vjp_driver, weights_array
+from memcore.backends.jax._driver import scalar, vjp_driver, weights_array
 from memcore.backends.jax.sab_bank import bank_init, bank_slots, retrieval
 from memcore.backends.jax.sab_model import (
     LSTM_NET,
@@ -55,7 +55,7 @@ def _sab_whole(params, xs, state0, targets, *, config, loss, truncate):
         )
 
     value, final, grads, d_s0, held = vjp_driver(fn, dict(params), state0, (xs, targets))
-    return RoutingResult(float(value), grads, tuple(d_s0), tuple(final), held)
+    return RoutingResult(scalar(value), grads, tuple(d_s0), tuple(final), held)
 
 
 def sab_bptt(params, xs, state0, targets, *, config, loss=Loss()) -> RoutingResult:
@@ -157,9 +157,12 @@ def sab_sparse_replay(params, xs, state0, targets, *, config, loss=Loss()) -> Ro
         LSTM_NET, params, xs, (state0[0], state0[1]), targets, weights, config=config,
         loss=loss.kind,
     )  # fmt: skip
-    flags = [bool(f) for f in jax.device_get(r.replayed)]
-    replayed = tuple(j for j in range(len(flags) - 1, -1, -1) if flags[j])
+    if isinstance(r.replayed, jax.core.Tracer):
+        replayed = None  # decided on the device: unknown while tracing
+    else:
+        flags = [bool(f) for f in jax.device_get(r.replayed)]
+        replayed = tuple(j for j in range(len(flags) - 1, -1, -1) if flags[j])
     peak = peak_bytes("sparse_replay", params, xs, targets, weights, config, loss.kind)
     return RoutingResult(
-        float(r.loss), r.grads, tuple(r.d_state0), tuple(r.final_state), peak, replayed
+        scalar(r.loss), r.grads, tuple(r.d_state0), tuple(r.final_state), peak, replayed
     )
