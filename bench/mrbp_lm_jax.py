@@ -231,6 +231,17 @@ def _spawn(argv: list[str], method: str, precision: str, work: str, timeout: flo
         return json.load(f)
 
 
+def _inprocess(a: argparse.Namespace, method: str, precision: str, work: str) -> list[dict]:
+    """run_worker in this process; a failing method (compile error, out of memory, a failed
+    gradient check) becomes an error row and the run goes on, as with a worker process."""
+    try:
+        return run_worker(a, method, precision, work)
+    except Exception as e:  # noqa: BLE001 - recorded in the results, not hidden
+        print(f"[{method} {precision}] failed: {type(e).__name__}: {e}", flush=True)
+        return [{"method": method, "precision": precision,
+                 "error": f"{type(e).__name__}: {e}"[-600:]}]  # fmt: skip
+
+
 def _ratios(rows: list[dict], inprocess: bool = False) -> None:
     """Speed and memory against BPTT at the same (precision, T). In one process the
     allocator's peak only grows, so there ``memory_vs_bptt`` is left out (XLA's plan stays)."""
@@ -336,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for precision in a.precision.split(","):
             for m in methods:
                 if a.inprocess:
-                    rows += run_worker(a, m, precision, work)
+                    rows += _inprocess(a, m, precision, work)
                 else:
                     rows += _spawn(argv, m, precision, work, a.worker_timeout)
                 _write(a.out, payload)

@@ -201,3 +201,20 @@ def test_lm_bench_holds_no_routing_code():
     src = pathlib.Path(mrbp_lm_jax.__file__).read_text()
     for routing in ("lax.scan", "jax.vjp", "jax.checkpoint(", "value_and_grad("):
         assert routing not in src.split('"""', 2)[2], routing
+
+
+def test_inprocess_failure_becomes_an_error_row(monkeypatch, tmp_path):
+    """In one process a failing method is recorded as an error row and later methods still run."""
+
+    def fake_worker(a, method, precision, work):
+        if method == "mrbp_host":
+            raise RuntimeError("host offload unsupported")
+        return [{"method": method, "precision": precision, "T": 2, "median_s": 1.0,
+                 "grad_rel_err_vs_bptt": 0.0, "xla_peak_bytes": 10}]  # fmt: skip
+
+    monkeypatch.setattr(mrbp_lm_jax, "run_worker", fake_worker)
+    payload = mrbp_lm_jax.main(TINY + ["--T", "2", "--precision", "fp32", "--inprocess",
+                                       "--methods", "mrbp_host,mrbp"])  # fmt: skip
+    methods = [(r["method"], "error" in r) for r in payload["rows"]]
+    assert methods == [("bptt", False), ("mrbp_host", True), ("mrbp", False)]
+    assert "host offload unsupported" in payload["rows"][1]["error"]

@@ -50,15 +50,23 @@ _tree_add = functools.partial(jax.tree_util.tree_map, jnp.add)
 _STATIC = ("step", "m0_fn", "truncate_every", "horizon", "offload")
 
 
-def _cut(t: jax.Array, k: int | None) -> jax.Array:
+def _cut(t: jax.Array, k: int) -> jax.Array:
     """True where the memory entering segment t is cut (t % k == 0, t > 0)."""
-    if k is None:
-        return jnp.zeros((), bool)
     return (t > 0) & (t % k == 0)
 
 
-def _zero_where(cut: jax.Array, tree: Any) -> Any:
-    return jax.tree_util.tree_map(lambda x: jnp.where(cut, jnp.zeros_like(x), x), tree)
+def _zero_at_cut(t: jax.Array, k: int | None, tree: Any) -> Any:
+    """The cotangent on M_t, zeroed where M_t is cut (unchanged without truncation)."""
+    if k is None:
+        return tree
+    return jax.tree_util.tree_map(lambda x: jnp.where(_cut(t, k), jnp.zeros_like(x), x), tree)
+
+
+def _stop_at_cut(t: jax.Array, k: int | None, tree: Any) -> Any:
+    """M_t under stop_gradient where it is cut (unchanged without truncation)."""
+    if k is None:
+        return tree
+    return jax.tree_util.tree_map(lambda x: jnp.where(_cut(t, k), lax.stop_gradient(x), x), tree)
 
 
 def _start(params: Any, memory0: Any, m0_fn: Callable | None) -> tuple[Any, Callable | None]:
@@ -97,7 +105,7 @@ def _mrbp(params, memory0, segments, loss_scale, *, step, m0_fn, truncate_every,
         if not sliding:
             dm, acc = carry
             dp, dm_t = pull((one, dm))
-            return (_zero_where(_cut(t, truncate_every), dm_t), _tree_add(acc, dp)), loss
+            return (_zero_at_cut(t, truncate_every, dm_t), _tree_add(acc, dp)), loss
         # Sliding horizon: buckets[j] holds the cotangent on M_{t+1} of the losses that may
         # still cross j + 1 segments. All of them cross segment t (one VJP for the params);
         # each moves down one bucket, bucket 0 stops at M_t, and loss_t enters the top one.
@@ -110,7 +118,7 @@ def _mrbp(params, memory0, segments, loss_scale, *, step, m0_fn, truncate_every,
         top = jnp.arange(horizon - 1) == horizon - 2  # empty when horizon == 1
         losses_in = jnp.where(top, one, jnp.zeros((), loss.dtype))
         moved = jax.vmap(lambda c, d: pull((c, d))[1])(losses_in, shifted)
-        moved = _zero_where(_cut(t, truncate_every), moved)
+        moved = _zero_at_cut(t, truncate_every, moved)
         return (moved, dm_full, _tree_add(acc, dp)), loss
 
     zeros_p = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -138,8 +146,7 @@ def _scan_total(p, memory0, segments, loss_scale, *, step, m0_fn, truncate_every
 
     def body(m, inp):
         t, seg = inp
-        cut = _cut(t, truncate_every)
-        m = jax.tree_util.tree_map(lambda x: jnp.where(cut, lax.stop_gradient(x), x), m)
+        m = _stop_at_cut(t, truncate_every, m)
         loss, m_next = check_step_output(body_step(p, m, seg), m)
         return m_next, loss
 
