@@ -40,13 +40,34 @@ LM = {
     "run": {"steps": 10, "batch_size": 4, "dtype": "float64", "log_every": 5,
             "eval_size": 4, "eval_batch": 4, "threads": 1},
 }  # fmt: skip
-# name -> (config, fast, stop_after); "resume" stops early and is finished by one process.
-CASES = {
-    "sab_fast": (SAB, True, None),
-    "sab_generic": (SAB, False, None),
-    "lm_mrbp": (LM, False, None),
-    "resume": (SAB, True, 5),
-}
+# name -> (config, fast): the compiled SAB step, the generic SAB replay, the LM's MRBP.
+CASES = {"sab_fast": (SAB, True), "sab_generic": (SAB, False), "lm_mrbp": (LM, False)}
+SAB_TOML = """
+[task]
+name = "copy"
+T = 4
+n_digits = 2
+n_symbols = 3
+[model]
+kind = "sab"
+hidden = 5
+k_top = 2
+k_att = 2
+[routing]
+method = "sparse_replay"
+k_trunc = 3
+[optim]
+lr = 0.02
+[run]
+steps = 12
+batch_size = 4
+dtype = "float64"
+checkpoint_every = 6
+log_every = 4
+eval_size = 4
+eval_batch = 4
+threads = 1
+"""
 
 
 def _torch_worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -66,10 +87,9 @@ def _torch_worker(rank: int, world: int, init_file: str, out: str) -> None:
     dist.all_reduce = counted
     try:
         counts = {}
-        for name, (data, fast, stop) in CASES.items():
+        for name, (data, fast) in CASES.items():
             before = len(calls)
-            res = train(parse_config(data), backend="torch", out=f"{out}/{name}", fast=fast,
-                        stop_after=stop)  # fmt: skip
+            res = train(parse_config(data), backend="torch", out=f"{out}/{name}", fast=fast)
             counts[name] = (len(calls) - before, res["steps_done"])
         pathlib.Path(f"{out}/counts{rank}.json").write_text(json.dumps(counts))
     finally:
@@ -94,7 +114,7 @@ def _assert_same_run(got: pathlib.Path, want: pathlib.Path, rtol: float = 1e-10)
 def test_torch_ranks_equal_one_process(tmp_path):
     """2 gloo ranks at B/2 (compiled SAB step, generic SAB replay, Memformer LM MRBP) give
     one process's loss curve, gradient norms and parameters at B, with one all-reduce per
-    step; a run stopped on 2 ranks resumes on 1 to the same end."""
+    step (per MRBP rollout, per sparse-replay step) on each rank."""
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
@@ -105,16 +125,12 @@ def test_torch_ranks_equal_one_process(tmp_path):
     for rank in (0, 1):
         counts = json.loads((ranks / f"counts{rank}.json").read_text())
         for name, (reduces, steps) in counts.items():
-            want_steps = CASES[name][2] or CASES[name][0]["run"]["steps"]
+            want_steps = CASES[name][0]["run"]["steps"]
             assert steps == want_steps and reduces == steps, (rank, name, reduces, steps)
-    assert not (ranks / "sab_fast" / "results.json").with_name("results.json.tmp").exists()
     one = tmp_path / "one"
-    for name, (data, fast, stop) in CASES.items():
-        if name != "resume":
-            train(parse_config(data), backend="torch", out=str(one / name), fast=fast)
-            _assert_same_run(ranks / name, one / name)
-    train(parse_config(SAB), backend="torch", out=str(ranks / "resume"), fast=True, resume=True)
-    _assert_same_run(ranks / "resume", one / "sab_fast")
+    for name, (data, fast) in CASES.items():
+        train(parse_config(data), backend="torch", out=str(one / name), fast=fast)
+        _assert_same_run(ranks / name, one / name)
 
 
 def test_bad_data_parallel_setups(monkeypatch, tmp_path):
@@ -141,6 +157,33 @@ def test_bad_data_parallel_setups(monkeypatch, tmp_path):
         odd["run"]["batch_size"] = 3
         with pytest.raises(MemcoreError, match=r"`run.batch_size` must be divisible by .* \(2\)"):
             train(parse_config(odd), backend="torch")
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_torchrun_cli_and_bench_smoke(tmp_path):
+    """``torchrun --nproc-per-node 2 -m memcore train`` (env rendezvous, gloo) trains as one
+    process does, rank 0 alone reporting, and resumes on one process; bench.scaling_dp runs
+    its CPU smoke (both workloads, every mode at N = 1, no errors)."""
+    from bench import scaling_dp
+
+    cfg = tmp_path / "sab.toml"
+    cfg.write_text(SAB_TOML)
+    assert parse_config(SAB) == parse_config(__import__("tomllib").loads(SAB_TOML))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "memcore", "train", str(cfg), "--backend", "torch", "--out",
+           str(tmp_path / "ranks"), "--stop-after", "7", "--quiet"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("stopped at step 7/12") == 1, proc.stdout
+    train(parse_config(SAB), backend="torch", out=str(tmp_path / "ranks"), resume=True)
+    train(parse_config(SAB), backend="torch", out=str(tmp_path / "one"))
+    _assert_same_run(tmp_path / "ranks", tmp_path / "one")
+    res = scaling_dp.main(["--smoke", "--out", str(tmp_path / "dp.json")])
+    got = {(r["workload"], r["mode"]) for r in res["rows"] if "error" not in r}
+    want = {("lm_mrbp", m) for m in ("none", "reduce", "ddp")}
+    assert got == want | {("sab_copy", "none"), ("sab_copy", "reduce")}, res["rows"]
+    assert set(res["overhead_at_1"]) == {"lm_mrbp/reduce", "lm_mrbp/ddp", "sab_copy/reduce"}
 
 
 _JAX_SCRIPT = textwrap.dedent(
