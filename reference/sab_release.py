@@ -123,7 +123,7 @@ def release_sparsify_forward(
     (0 where that denominator is 0). At most k_top - 1 entries are non-zero.
     """
     xp = array_namespace(scores)
-    b, n = scores.shape
+    n = scores.shape[-1]
     if n <= k_top:
         zero = xp.zeros_like(scores)
         return scores, ReleaseSparsifyCache(True, scores, zero > 0, None, zero, threshold_grad)
@@ -181,7 +181,7 @@ def retrieve_forward(h_hat, memories, params: Mapping[str, Any], config: Any):
         a, sc = release_scores_forward(h_hat, memories, params["w_score"])
     else:
         a, sc = sab_scores_forward(h_hat, memories, params["w1"], params["w2"], params["w3"])
-    kw = dict(k_top=config.k_top, eps=config.eps, threshold_grad=config.threshold_grad)
+    kw = {"k_top": config.k_top, "eps": config.eps, "threshold_grad": config.threshold_grad}
     if config.sparsify == "release":
         w, sp = release_sparsify_forward(a, **kw)
     else:

@@ -48,8 +48,13 @@ def _pct(x: float | None) -> str:
 def render(runs_dir: pathlib.Path) -> str:
     """The README text for the runs under ``runs_dir``."""
     lines = ["# SAB paper reproduction: copy task T = 100 (Table 2) and transfer (Table 6)", ""]
-    lines += [f"Made by `scripts/sab_repro_table.py` from `{runs_dir}`. Accuracy in % on the "
-              f"last 10 digits, 512 held-out sequences; chance {CHANCE}%.", ""]  # fmt: skip
+    lines += [
+        (
+            f"Made by `scripts/sab_repro_table.py` from `{runs_dir}`. Accuracy in % on the "
+            f"last 10 digits, 512 held-out sequences; chance {CHANCE}%."
+        ),
+        "",
+    ]
     lines += ["## Table 2: copy, T = 100", "",
               "| run | steps done | ours: acc % | ours: CE (last 10) | paper: acc % |",
               "|---|---|---|---|---|"]  # fmt: skip

@@ -7,10 +7,6 @@ from __future__ import annotations
 import attrs
 import numpy as np
 import pytest
-
-from memcore.config import SABConfig
-from memcore.errors import MemcoreError
-from memcore.gradcheck import dot_product_test
 from memcore.reference import routing
 from memcore.reference.routing.sab_release import B_HH, is_cut, mode_params, sab_modes_bptt
 from memcore.reference.sab_release import (
@@ -22,6 +18,10 @@ from memcore.reference.sab_release import (
     retrieve_forward,
     threshold_index,
 )
+
+from memcore.config import SABConfig
+from memcore.errors import MemcoreError
+from memcore.gradcheck import dot_product_test
 from memcore.routing_types import HEAD_PARAM, Loss
 
 RELEASE = SABConfig(k_top=3, k_att=2, k_trunc=3, threshold_grad=True, include_h0_memory=True,
@@ -185,7 +185,7 @@ def test_memcore_mode_equals_the_reference_sab_bptt():
 def _plain_loss(p, xs, s0, tg, loss, cfg, held=None):
     """An independent NumPy forward of the release model (concatenated scorer, k-th + eps
     threshold, raw scores when N <= k_top); ``held[t]`` replaces (h, c) entering step t."""
-    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    sig = lambda z: 1 / (1 + np.exp(-z))
     h, c = s0
     mems, total, hd = [h] if cfg.include_h0_memory else [], 0.0, h.shape[1]
     b = p["lstm_b"] + p.get(B_HH, 0.0)
@@ -193,17 +193,25 @@ def _plain_loss(p, xs, s0, tg, loss, cfg, held=None):
         if held is not None and t in held:
             h, c = held[t]
         z = np.concatenate([xs[t - 1], h], 1) @ p["lstm_w"] + b
-        i, f, g, o = sig(z[:, :hd]), sig(z[:, hd:2 * hd]), np.tanh(z[:, 2 * hd:3 * hd]), sig(z[:, 3 * hd:])
+        i, f, g, o = (
+            sig(z[:, :hd]),
+            sig(z[:, hd : 2 * hd]),
+            np.tanh(z[:, 2 * hd : 3 * hd]),
+            sig(z[:, 3 * hd :]),
+        )
         c = f * c + i * g
         h_hat = o * np.tanh(c)
         s = np.zeros_like(h_hat)
         if mems:
             m = np.stack(mems, 1)
-            a = np.tanh(np.concatenate([np.broadcast_to(h_hat[:, None], m.shape), m], -1)) @ p["w_score"]
+            a = (
+                np.tanh(np.concatenate([np.broadcast_to(h_hat[:, None], m.shape), m], -1))
+                @ p["w_score"]
+            )
             if len(mems) <= cfg.k_top:
                 w = a
             else:
-                zz = np.maximum(a - (np.sort(a, 1)[:, -cfg.k_top:][:, :1] + cfg.eps), 0)
+                zz = np.maximum(a - (np.sort(a, 1)[:, -cfg.k_top :][:, :1] + cfg.eps), 0)
                 w = zz / (zz.sum(1, keepdims=True) + cfg.eps)
             s = np.einsum("bn,bnh->bh", w, m)
         h = h_hat + s
@@ -294,7 +302,9 @@ def test_release_sparsify_query_independent_and_k_minus_one():
     (_, w2), _ = retrieve_forward(rng.normal(size=(1, 4)), m, w, cfg)
     np.testing.assert_allclose(w1, w2, rtol=1e-12)
     assert np.count_nonzero(w1) == 3
-    (_, w3), _ = retrieve_forward(rng.normal(size=(1, 4)), m, w, attrs.evolve(cfg, sparsify="memcore"))
+    (_, w3), _ = retrieve_forward(
+        rng.normal(size=(1, 4)), m, w, attrs.evolve(cfg, sparsify="memcore")
+    )
     assert np.count_nonzero(w3) == 4
 
 
@@ -348,7 +358,9 @@ def test_torch_drivers_equal_the_reference_in_every_mode(mode):
         runs = [sab_model.sab_bptt(cells.lstm, P, X, S0, TG, config=cfg, loss=loss,
                                    truncate=truncate)]  # fmt: skip
         if truncate:
-            runs.append(sab_model.sab_sparse_replay(cells.lstm, P, X, S0, TG, config=cfg, loss=loss))
+            runs.append(
+                sab_model.sab_sparse_replay(cells.lstm, P, X, S0, TG, config=cfg, loss=loss)
+            )
         for got in runs:
             assert abs(got.loss - want.loss) <= 1e-12 * abs(want.loss)
             for k in p:
@@ -388,9 +400,19 @@ def _write_tiny(src, dst, steps):
     import re
 
     text = src.read_text()
-    for key, value in (("T", 6), ("n_digits", 3), ("hidden", 8), ("steps", steps),
-                       ("batch_size", 4), ("log_every", 1), ("checkpoint_every", 0),
-                       ("eval_every", 0), ("eval_size", 8), ("eval_batch", 8), ("train_set", 8)):
+    for key, value in (
+        ("T", 6),
+        ("n_digits", 3),
+        ("hidden", 8),
+        ("steps", steps),
+        ("batch_size", 4),
+        ("log_every", 1),
+        ("checkpoint_every", 0),
+        ("eval_every", 0),
+        ("eval_size", 8),
+        ("eval_batch", 8),
+        ("train_set", 8),
+    ):
         text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
     text = re.sub(r"(?m)^transfer_T = .*$", "transfer_T = []", text)
     dst.write_text(text)
@@ -438,16 +460,28 @@ def test_repro_scripts_run_and_resume_on_cpu(tmp_path):
         cfgs.mkdir()
         for name in ("copy_bptt_t100", "copy_tbptt_t100", "copy_sab_t100", "copy_sab_t100_release"):
             _write_tiny(root / "configs" / f"{name}.toml", cfgs / f"{name}.toml", steps)
-    env = dict(os.environ, ROOT=str(tmp_path / "r1"), DEVICE="cpu", CONFIG_DIR=str(tmp_path / "c1"),
-               OUT=str(tmp_path), PATH=f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = dict(
+        os.environ,
+        ROOT=str(tmp_path / "r1"),
+        DEVICE="cpu",
+        CONFIG_DIR=str(tmp_path / "c1"),
+        OUT=str(tmp_path),
+        PATH=f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
+    )
     script = str(root / "scripts/gpu_issue14_repro.sh")
     env["RUNS"] = "sab_release"  # the first call trains one run (2 steps) ...
     subprocess.run(["bash", script, "60"], env=env, check=True, capture_output=True, timeout=300)
     env["RUNS"] = "bptt sab_release"  # ... the second resumes it (to step 3) and starts one more
     assert (tmp_path / "runs.tar.gz").is_file() and (tmp_path / "README.md").is_file()
     env.update(ROOT=str(tmp_path / "r2"), CONFIG_DIR=str(tmp_path / "c2"), EVAL="1", EVAL_T="9")
-    out = subprocess.run(["bash", script, "60", str(tmp_path / "runs.tar.gz")], env=env,
-                         check=True, capture_output=True, text=True, timeout=300).stdout
+    out = subprocess.run(
+        ["bash", script, "60", str(tmp_path / "runs.tar.gz")],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
     assert "sab_release 3" in out and "bptt 3" in out
     assert "--resume" in (tmp_path / "r2" / "logs" / "sab_release.log").read_text()
     readme = (tmp_path / "r2" / "README.md").read_text()

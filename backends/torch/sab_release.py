@@ -18,10 +18,8 @@ Shapes: h_hat (B, Hd); memories (B, N, Hd); scores, weights (B, N).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
-
 from memcore.backends.torch.sab import sab_scores, sparsify
 
 __all__ = ["release_scores", "release_sparsify", "retrieve", "sab_outputs_modes"]
@@ -55,7 +53,7 @@ def _scores(h_hat, memories, params, config) -> torch.Tensor:
 
 
 def _weights(a: torch.Tensor, config) -> torch.Tensor:
-    kw = dict(k_top=config.k_top, eps=config.eps, threshold_grad=config.threshold_grad)
+    kw = {"k_top": config.k_top, "eps": config.eps, "threshold_grad": config.threshold_grad}
     return release_sparsify(a, **kw) if config.sparsify == "release" else sparsify(a, **kw)
 
 

@@ -46,7 +46,9 @@ def release_params(
         if model.two_biases:
             params["lstm_b_hh"] = np.zeros(4 * Hd)
     if model.score_rule == "release":
-        params["w_score"] = rng.normal(0.0, 0.01, 2 * Hd) if release else u((2 * Hd,), k / np.sqrt(2))
+        params["w_score"] = (
+            rng.normal(0.0, 0.01, 2 * Hd) if release else u((2 * Hd,), k / np.sqrt(2))
+        )
     else:
         params["w1"] = u((Hd, A), k)
         params["w2"] = u((Hd, A), k)
@@ -56,7 +58,7 @@ def release_params(
     params["v2"] = u((Hd, O), v)
     params["b_y"] = u((O,), v) if release else np.zeros(O)
     if config.task.name != "adding" and model.head:
-        from memcore.train.tasks import num_classes  # noqa: PLC0415
+        from memcore.train.tasks import num_classes
 
         params[HEAD_PARAM] = u((O, num_classes(config.task)), 1.0 / np.sqrt(O))
     return params

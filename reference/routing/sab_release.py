@@ -15,14 +15,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from memcore.config import SABConfig
-from memcore.errors import MemcoreError
 from memcore.reference._xp import array_namespace, mT
 from memcore.reference.lstm import lstm_cell_backward, lstm_cell_forward
 from memcore.reference.routing._common import GradSums, loss_cotangent
 from memcore.reference.routing.losses import DEFAULT_LOSS, loss_forward, step_weights
 from memcore.reference.sab_release import retrieve_backward, retrieve_forward, scorer_params
 from memcore.reference.steps import SabState, stack_memories
+
+from memcore.config import SABConfig
+from memcore.errors import MemcoreError
 from memcore.routing_types import HEAD_PARAM, Loss, RoutingResult
 
 __all__ = ["is_cut", "mode_params", "sab_modes_bptt", "sab_modes_step"]
@@ -99,10 +100,14 @@ def _step_backward(cache: StepCache, dh_out, dc_out, dmem_out, d_y):
 
 def _check(params: Any, config: Any, loss: Any) -> None:
     if not isinstance(config, SABConfig):
-        raise MemcoreError(f"`config` must be a memcore.SABConfig. Received: {type(config).__name__}")
+        raise MemcoreError(
+            f"`config` must be a memcore.SABConfig. Received: {type(config).__name__}"
+        )
     if not isinstance(params, Mapping):
         raise MemcoreError(f"`params` must be a dict of arrays. Received: {type(params).__name__}")
-    want = set(mode_params(config, B_HH in params)) | ({HEAD_PARAM} if loss.kind == "xent" else set())
+    want = set(mode_params(config, B_HH in params)) | (
+        {HEAD_PARAM} if loss.kind == "xent" else set()
+    )
     if set(params) != want:
         raise MemcoreError(
             f"`params` must contain exactly {', '.join(sorted(want))} for scorer "
