@@ -100,6 +100,7 @@ def _torch_worker(rank: int, world: int, init_file: str, out: str) -> None:
 def _assert_same_run(got: pathlib.Path, want: pathlib.Path, rtol: float = 1e-10) -> None:
     a = json.loads((got / "results.json").read_text())["history"]
     b = json.loads((want / "results.json").read_text())["history"]
+    assert json.loads((want / "results.json").read_text())["replicas"] == 1
     assert a["step"] == b["step"]
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=0, err_msg=key)
@@ -131,6 +132,7 @@ def test_torch_ranks_equal_one_process(tmp_path):
     for name, (data, fast) in CASES.items():
         train(parse_config(data), backend="torch", out=str(one / name), fast=fast)
         _assert_same_run(ranks / name, one / name)
+        assert json.loads((ranks / name / "results.json").read_text())["replicas"] == 2
 
 
 def test_bad_data_parallel_setups(monkeypatch, tmp_path):

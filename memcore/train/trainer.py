@@ -407,6 +407,7 @@ def _results(
         "backend_version": setup.backend.version,
         "backends": [list(b) for b in setup.backends],
         "device": setup.device or "default",
+        "replicas": 1 if setup.dp is None else setup.dp.world,  # data-parallel ranks or devices
         "steps_done": done,
         "finished": finished,
         "baseline": baseline(config.task),
