@@ -108,6 +108,7 @@ def _assert_same_run(got: pathlib.Path, want: pathlib.Path, rtol: float = 1e-10)
     assert ca.step == cb.step
     for name in cb.params:
         np.testing.assert_allclose(ca.params[name], cb.params[name], rtol=rtol, atol=1e-13)
+        np.testing.assert_allclose(ca.adam_m[name], cb.adam_m[name], rtol=rtol, atol=1e-16)
         np.testing.assert_allclose(ca.adam_v[name], cb.adam_v[name], rtol=rtol, atol=1e-20)
 
 
