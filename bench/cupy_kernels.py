@@ -207,9 +207,8 @@ def _op_cases(cp, torch, tt, sizes, u) -> list[dict[str, Any]]:
     """Whole ops through the backend, fused against unfused (validation in, finite checks off)."""
     import math
 
-    from memcore.backends.cupy import CupyBackend
-
     import memcore
+    from memcore.backends.cupy import CupyBackend
 
     cases: list[dict[str, Any]] = []
     b, k, ell, h, d = sizes["slot"]

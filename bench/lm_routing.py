@@ -28,11 +28,10 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from bench.lm_model import MemformerLM
 from memcore.backends.torch._mrbp_graphs import capture_graph
 from memcore.backends.torch.mrbp_model import MRBP
 from memcore.backends.torch.mrbp_model import recompute as mark
-
-from bench.lm_model import MemformerLM
 
 __all__ = [
     "METHODS",

@@ -269,7 +269,7 @@ def fit_memory(model, args, device, rows, gib: float) -> list[dict[str, Any]]:
             slope = (m1 - m0) / (t1 - t0)
             predict = functools.partial(_predict_T, (t0, m0), cap=cap, max_T=args.fit_max_T)
             T = min(args.fit_max_T, predict(t1, m1))
-            flat = T >= args.fit_max_T
+            flat = args.fit_max_T <= T
             row: dict[str, Any] = {"method": name, "bytes_per_segment": slope, "predicted_T": T}
             fit_T, oom_T, runs = None, None, []
             for _ in range(1 if flat else args.fit_rounds):

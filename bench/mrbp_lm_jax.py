@@ -51,8 +51,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax
 import jax.numpy as jnp
 import numpy as np
-from memcore.backends.jax import memformer, mrbp_model
 
+from memcore.backends.jax import memformer, mrbp_model
 from memcore.models import MemformerConfig
 
 __all__ = ["METHODS", "init_params", "main", "make_method", "random_batch", "run_worker"]
@@ -78,7 +78,7 @@ def _cast(params, dtype):
     return jax.tree_util.tree_map(lambda w: w.astype(dtype), params)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(cfg: MemformerConfig, batch: int, dtype) -> tuple[Any, Any]:
     """(step, memory0) for the drivers; cached so one (config, dtype) keeps one object each."""
 

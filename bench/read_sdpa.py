@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from memcore.backends.torch._common import merge_heads, split_heads
 
 from bench.harness import cuda, median_time, rel_error, run_record, write_json
+from memcore.backends.torch._common import merge_heads, split_heads
 
 __all__ = ["main", "read_matmul", "read_sdpa"]
 

@@ -25,13 +25,13 @@ import time
 from typing import Any
 
 import torch
+
+from bench.harness import cuda, median_time, rel_error, run_record, sync, write_json
 from memcore.backends.torch.lstm import lstm_cell
 from memcore.backends.torch.modules import SABCell
 from memcore.backends.torch.routing import bptt, sab_bptt, sab_sparse_replay
 from memcore.backends.torch.sab import sab_scores
 from memcore.backends.torch.steps import stack_memories
-
-from bench.harness import cuda, median_time, rel_error, run_record, sync, write_json
 from memcore.config import SABConfig
 
 __all__ = ["dense_bptt", "main", "stored_bytes"]

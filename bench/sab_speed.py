@@ -98,7 +98,7 @@ def baseline_step(kind: str, cfg: TrainConfig, device: torch.device, graph: bool
     torch.manual_seed(0)
     batches = _batches(cfg)
     dt = getattr(torch, cfg.run.dtype)
-    L, B, I = batches[0].xs.shape  # noqa: E741 - glossary names
+    L, B, I = batches[0].xs.shape
     C, H = cfg.task.n_symbols + 2, cfg.model.hidden
     rnn = (torch.nn.LSTMCell(I, H) if kind == "lstmcell" else torch.nn.LSTM(I, H)).to(device, dt)
     head = torch.nn.Linear(H, C).to(device, dt)
@@ -189,13 +189,13 @@ def transfer_eval(cfg: TrainConfig, backend: str, device: torch.device, T: int) 
         from memcore.train import fast_jax
 
         p, _ = fast_jax.init_state(cfg, cfg.run.dtype)
-        run = lambda: fast_jax.evaluate(cfg, p, T=T, dtype=cfg.run.dtype)  # noqa: E731
+        run = lambda: fast_jax.evaluate(cfg, p, T=T, dtype=cfg.run.dtype)
     else:
         from memcore.train import fast_torch
 
         dt = getattr(torch, cfg.run.dtype)
         p = {k: torch.as_tensor(v, dtype=dt, device=device) for k, v in params.items()}
-        run = lambda: fast_torch.evaluate(  # noqa: E731
+        run = lambda: fast_torch.evaluate(
             cfg, p, T=T, dtype=cfg.run.dtype, device=str(device)
         )
     t0 = time.perf_counter()

@@ -21,10 +21,10 @@ import argparse
 from typing import Any
 
 import torch
-from memcore.backends.torch.accounting import SavedBytes
 
 from bench.harness import run_record, write_json
 from bench.lm_model import MemformerLM
+from memcore.backends.torch.accounting import SavedBytes
 
 __all__ = ["main", "segment_bytes"]
 

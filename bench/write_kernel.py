@@ -17,10 +17,10 @@ import argparse
 from typing import Any
 
 import torch
-from memcore.backends.torch.memory import memory_write
-from memcore.backends.torch.triton_write import HAVE_TRITON, fused_available, fused_memory_write
 
 from bench.harness import cuda, median_time, rel_error, run_record, write_json
+from memcore.backends.torch.memory import memory_write
+from memcore.backends.torch.triton_write import HAVE_TRITON, fused_available, fused_memory_write
 
 __all__ = ["ceilings", "counts", "main"]
 

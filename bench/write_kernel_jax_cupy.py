@@ -53,6 +53,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from memcore.backends.jax.memory import NORM_EPS, memory_write
 from memcore.backends.jax.pallas_write import pallas_memory_write, pallas_unavailable_reason
 
@@ -276,6 +277,7 @@ def bench_jax(B, K, L, D, H, dtype: str, repeat: int, tol: float,
 def bench_cupy(B, K, L, D, H, repeat: int, tol: float) -> dict[str, Any]:
     """One size in float32: fused (as shipped, and forced) vs the unfused reference on CuPy."""
     import cupy as cp
+
     from memcore.backends.cupy import fused, kernels
     from memcore.reference import memory as ref_memory
 

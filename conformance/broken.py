@@ -21,10 +21,10 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from memcore.backends.numpy import NumpyBackend
-from memcore.reference import sab
 
+from memcore.backends.numpy import NumpyBackend
 from memcore.protocol import Capabilities
+from memcore.reference import sab
 
 __all__ = [
     "MUTANTS",

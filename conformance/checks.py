@@ -25,10 +25,10 @@ from typing import Any
 
 import attrs
 import numpy as np
-from memcore.conformance.compare import Comparison, compare, failure
-from memcore.conformance.tolerances import REF32_DTYPES, Tol, reference_relative, tolerance
 
 from memcore import reference
+from memcore.conformance.compare import Comparison, compare, failure
+from memcore.conformance.tolerances import REF32_DTYPES, Tol, reference_relative, tolerance
 from memcore.errors import MemcoreError
 from memcore.ops import error_cases, get_op
 from memcore.opspec import OpSpec, Sample, Sizes, dtype_name

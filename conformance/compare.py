@@ -15,6 +15,7 @@ from typing import Any
 
 import attrs
 import numpy as np
+
 from memcore.conformance.tolerances import Tol
 
 __all__ = ["Comparison", "compare", "failure", "worst"]

@@ -80,9 +80,9 @@ class ConformanceSession:
 
     def __init__(self, config: Any) -> None:
         import pytest
+
         from memcore.conformance.runner import CHECK_DTYPES, pin_numerics, plan, resolve_device
         from memcore.conformance.xfails import backend_xfail_file, load_xfails
-
         from memcore.errors import MemcoreError
         from memcore.registry import get_backend, resolve_backend_name
 

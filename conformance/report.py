@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
+
 from memcore.conformance.result import CheckResult
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ def _notes(results: Sequence[CheckResult]) -> list[str]:
 
 def summary(results: Iterable[CheckResult]) -> dict[str, int]:
     """Counts per status (every status present, zeros included)."""
-    counts = {s: 0 for s in _CELL}
+    counts = dict.fromkeys(_CELL, 0)
     for r in results:
         counts[r.status] += 1
     return counts

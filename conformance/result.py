@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import attrs
+
 from memcore.conformance.compare import Comparison
 
 __all__ = ["CheckResult"]

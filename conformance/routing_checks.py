@@ -22,11 +22,11 @@ from typing import Any
 
 import attrs
 import numpy as np
+
 from memcore.conformance.checks import Outcome, host, to_backend
 from memcore.conformance.compare import Comparison, compare, failure
 from memcore.conformance.strategies import RoutingCase
 from memcore.conformance.tolerances import Tol, tolerance
-
 from memcore.errors import MemcoreError
 
 __all__ = [

@@ -15,9 +15,9 @@ from typing import Any
 
 import attrs
 import numpy as np
+
 from memcore.conformance.compare import worst
 from memcore.conformance.tolerances import tolerance
-
 from memcore.gradcheck import op_dot_product_test
 from memcore.ops import OPS, get_op
 from memcore.opspec import Sizes

@@ -10,12 +10,12 @@ import os
 
 os.environ.setdefault("JAX_ENABLE_X64", "1")  # float64 in JAX; must precede `import jax`
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import jax_mrbp
+import numpy as np
+import torch
+import torch_mrbp
 
-import jax_mrbp  # noqa: E402
-import torch_mrbp  # noqa: E402
-from memcore import ModelCheck, check_mrbp  # noqa: E402
+from memcore import ModelCheck, check_mrbp
 
 T, B, L = 4, 2, 3  # a small rollout is enough: the check is exact, not statistical
 

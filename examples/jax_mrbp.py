@@ -2,6 +2,7 @@
 import os
 
 import jax
+
 from memcore.backends.jax import modules as mm
 from memcore.backends.jax.mrbp_model import mrbp
 

@@ -2,6 +2,7 @@
 import os
 
 import torch
+
 from memcore.backends.torch import MemoryReader, MemoryWriter
 from memcore.backends.torch.mrbp_model import mrbp
 

@@ -16,7 +16,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-
 __all__ = ["main"]
 
 USAGE_ERROR = 2

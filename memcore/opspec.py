@@ -85,7 +85,7 @@ class Sizes:
     K: int = 4
     H: int = 2
     dh: int = 3
-    I: int = 3  # noqa: E741 - the glossary's name for the LSTM input width
+    I: int = 3
     Hd: int = 4
     N: int = 5
     A: int = 3

@@ -25,8 +25,8 @@ import numpy as np
 from memcore.arrays import array_framework, check_dtype_arg, check_to_numpy_arg
 from memcore.errors import MemcoreError
 from memcore.ops import OPS, get_op
-from memcore.options import get_options
 from memcore.opspec import FLOAT_DTYPES, Tensor, dtype_name
+from memcore.options import get_options
 
 __all__ = [
     "ROUTING_METHODS",

@@ -28,11 +28,11 @@ import importlib.util
 import os
 import pathlib
 import threading
-import tomllib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
+import tomllib
 
 from memcore.errors import MemcoreError
 from memcore.extras import install_hint

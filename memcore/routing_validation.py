@@ -4,7 +4,6 @@ argument, what it must be and what was received, raised before any computation."
 from __future__ import annotations
 
 import sys
-
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import attrs
 
-from memcore.check_model import MRBPReport, ModelCheck, check_mrbp
+from memcore.check_model import ModelCheck, MRBPReport, check_mrbp
 from memcore.errors import MemcoreError
 
 __all__ = ["load_model_check", "run_model_check", "verify_model"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from memcore.reference._xp import array_namespace, concat, mT, merge_heads, ones, split_heads
+from memcore.reference._xp import array_namespace, concat, merge_heads, mT, ones, split_heads
 
 __all__ = [
     "memory_read_forward",

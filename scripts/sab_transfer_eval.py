@@ -29,8 +29,8 @@ def evaluate_run(run_dir: pathlib.Path, Ts: list[int], *, device: str, size: int
                  dtype: str = "float32") -> dict:  # fmt: skip
     """Evaluate the checkpoint in ``run_dir`` at every T in ``Ts`` (plus the trained T)."""
     import torch
-    from memcore.backends.torch._common import torch_dtype
 
+    from memcore.backends.torch._common import torch_dtype
     from memcore.train.checkpoint import load_checkpoint
     from memcore.train.config import parse_config
     from memcore.train.fast_torch import evaluate

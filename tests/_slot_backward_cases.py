@@ -5,6 +5,7 @@ against the same reference gradients with the same float32 criterion."""
 from __future__ import annotations
 
 import numpy as np
+
 from memcore.reference._xp import array_namespace, concat, merge_heads
 from memcore.reference.attention import slot_attention_head_grads
 

@@ -10,7 +10,7 @@ import os
 
 os.environ.setdefault("JAX_ENABLE_X64", "1")
 
-from memcore.conformance.profiles import load_profile  # noqa: E402 - after the env var on purpose
+from memcore.conformance.profiles import load_profile  # after the env var on purpose
 
 # MEMCORE_HYPOTHESIS_PROFILE picks dev (default), ci (derandomized) or nightly.
 load_profile()

@@ -11,9 +11,9 @@ import pathlib
 import subprocess
 import sys
 import textwrap
-import tomllib
 
 import pytest
+import tomllib
 
 from memcore import registry
 
@@ -39,7 +39,7 @@ def _with_entry_points(monkeypatch, points):
 
 def test_pyproject_entry_points_equal_the_builtin_table():
     """pyproject's memcore.backends table and registry._BUILTIN name the same targets."""
-    assert DECLARED == {e.name: e.target for e in registry._BUILTIN}
+    assert {e.name: e.target for e in registry._BUILTIN} == DECLARED
     assert set(DECLARED) == {"numpy", "torch", "jax", "cupy", "array_api"}
 
 

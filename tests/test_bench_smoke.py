@@ -289,7 +289,7 @@ def test_segment_bytes_blocks_add_up(tmp_path):
     keeps far fewer."""
     from bench import segment_bytes
 
-    sizes = "--B 2 --L 8 --D 32 --H 4 --K 16 --vocab 40 --layers 2 --device cpu".split()
+    sizes = ["--B", "2", "--L", "8", "--D", "32", "--H", "4", "--K", "16", "--vocab", "40", "--layers", "2", "--device", "cpu"]
     payload = segment_bytes.main([*sizes, "--out", str(tmp_path / "seg.json")])
     got = payload["saved_bytes"]
     blocks = got["layer0"] + got["layer1"] + got["write"] + got["head_loss"]

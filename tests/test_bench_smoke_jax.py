@@ -18,9 +18,8 @@ _ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from memcore.backends.jax.memory import memory_write
-
 from bench import mrbp_lm_jax, write_kernel_jax_cupy
+from memcore.backends.jax.memory import memory_write
 
 TINY = ["--B", "2", "--L", "6", "--D", "16", "--H", "2", "--K", "3", "--vocab", "11",
         "--layers", "1", "--repeat", "1", "--warmup", "0"]  # fmt: skip

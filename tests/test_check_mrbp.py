@@ -19,11 +19,11 @@ import pytest
 torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
 
-import memcore.backends.torch.check_mrbp as torch_half  # noqa: E402
-from memcore import MemcoreError, ModelCheck, check_mrbp  # noqa: E402
-from memcore.backends.jax import modules as jm  # noqa: E402
-from memcore.backends.torch import MemoryReader, MemoryWriter  # noqa: E402
-from memcore.cli import main  # noqa: E402
+import memcore.backends.torch.check_mrbp as torch_half
+from memcore import MemcoreError, ModelCheck, check_mrbp
+from memcore.backends.jax import modules as jm
+from memcore.backends.torch import MemoryReader, MemoryWriter
+from memcore.cli import main
 
 V, D, K, H, T, B, L = 5, 4, 3, 2, 3, 2, 3
 NAMES = ("read.0.wq", "write.1.v_bias", "embed.weight", "head.weight")

@@ -10,6 +10,7 @@ import sys
 import attrs
 import numpy as np
 import pytest
+
 from memcore.backends.numpy import NumpyBackend
 from memcore.conformance import broken, report
 from memcore.conformance.checks import OP_CHECKS, device_matches
@@ -18,7 +19,6 @@ from memcore.conformance.routing_checks import ROUTING_CHECKS
 from memcore.conformance.runner import pin_numerics, plan, resolve_device, run_backend
 from memcore.conformance.tolerances import OVERRIDES, STAGES, TABLE, Override, Tol, tolerance
 from memcore.conformance.xfails import bundled_xfail_file, load_xfails, parse_xfails
-
 from memcore.errors import MemcoreError
 from memcore.ops import OPS
 

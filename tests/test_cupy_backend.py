@@ -23,6 +23,7 @@ except (ImportError, RuntimeError, OSError):  # no cupy, or cupy without a drive
 if not _GPUS:
     pytest.skip("needs CUDA and cupy", allow_module_level=True)
 
+import memcore
 from _slot_backward_cases import (
     BWD_SHAPES,
     assert_float32_close,
@@ -30,15 +31,13 @@ from _slot_backward_cases import (
     kernel_layout_head_grads,
     upcast,
 )
+from memcore import MemcoreError, reference
 from memcore.backends.cupy import CupyBackend, kernels
+from memcore.ops import OPS
+from memcore.opspec import Sizes
 from memcore.reference import attention as ref_attention
 from memcore.reference import memory as ref_memory
 from memcore.reference import sab as ref_sab
-
-import memcore
-from memcore import MemcoreError, reference
-from memcore.ops import OPS
-from memcore.opspec import Sizes
 
 # max |got - want| <= atol + rtol * max |want|, per dtype (float16 computes in float32).
 TOL = {"float64": (1e-10, 1e-12), "float32": (3e-4, 1e-5), "float16": (3e-2, 3e-2)}

@@ -21,6 +21,7 @@ import zlib
 
 import numpy as np
 import pytest
+
 from _slot_backward_cases import (
     BWD_SHAPES,
     assert_float32_close,

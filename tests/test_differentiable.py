@@ -156,7 +156,7 @@ def test_jax_vmap_of_ops_equals_each_call(name):
     _, second = _sample(name, seed=5)
     static, arrays0 = _split_attrs(spec, first.attrs)
     _, arrays1 = _split_attrs(spec, second.attrs)
-    stack = lambda a, b: jnp.stack([jnp.asarray(a), jnp.asarray(b)])  # noqa: E731
+    stack = lambda a, b: jnp.stack([jnp.asarray(a), jnp.asarray(b)])
     ins = tuple(stack(a, b) for a, b in zip(first.inputs, second.inputs))
     arr = {k: stack(arrays0[k], arrays1[k]) for k in arrays0}
     got = jax.vmap(lambda xs, a: jb.forward(name, *xs, **static, **a))(ins, arr)

@@ -61,7 +61,7 @@ def repo_paths() -> list[tuple[str, str]]:
                 continue
             if any(p in token for p in PLACEHOLDERS) or "<" in token or "*" in token:
                 continue
-            if not re.fullmatch(r"[\w./-]+", token) or token.count("/") == 0 and "." not in token:
+            if not re.fullmatch(r"[\w./-]+", token) or (token.count("/") == 0 and "." not in token):
                 continue
             found.add((doc, token))
     return sorted(found)

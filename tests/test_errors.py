@@ -317,12 +317,10 @@ def test_unknown_option_names_and_bad_option_values():
     """memcore.options rejects unknown names (listing the known ones) and non-bool values."""
     with pytest.raises(
         MemcoreError, match=re.escape("Unknown option(s) ['check_finit']. Available: check_finite")
-    ):
-        with memcore.options(check_finit=False):
-            pass  # pragma: no cover
+    ), memcore.options(check_finit=False):
+        pass  # pragma: no cover
     with pytest.raises(
         MemcoreError, match=re.escape("`check_finite` must be a bool. Received: check_finite='no'")
-    ):
-        with memcore.options(check_finite="no"):
-            pass  # pragma: no cover
+    ), memcore.options(check_finite="no"):
+        pass  # pragma: no cover
     assert memcore.get_options().check_finite is True

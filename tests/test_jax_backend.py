@@ -14,19 +14,23 @@ import pytest
 
 jax = pytest.importorskip("jax", reason="the JAX backend needs jax (pip install 'memcore[jax]')")
 
-import jax.numpy as jnp  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+import jax.numpy as jnp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from memcore import MemcoreError, MemoryConfig, SABConfig, reference  # noqa: E402
-from memcore.backends.jax import JaxBackend  # noqa: E402
-from memcore.backends.jax import modules, sab, steps  # noqa: E402
-from memcore.conformance.compare import compare  # noqa: E402
-from memcore.conformance.strategies import samples, seeds  # noqa: E402
-from memcore.conformance.tolerances import Tol, tolerance  # noqa: E402
-from memcore.ops import OPS, error_cases  # noqa: E402
-from memcore.routing_types import MEMFORMER_PARAMS  # noqa: E402
-from memcore.opspec import Sample, Sizes  # noqa: E402
+from memcore import MemcoreError, MemoryConfig, SABConfig, reference
+from memcore.backends.jax import (
+    JaxBackend,
+    modules,
+    sab,
+    steps,
+)
+from memcore.conformance.compare import compare
+from memcore.conformance.strategies import samples, seeds
+from memcore.conformance.tolerances import Tol, tolerance
+from memcore.ops import OPS, error_cases
+from memcore.opspec import Sample, Sizes
+from memcore.routing_types import MEMFORMER_PARAMS
 
 BE = JaxBackend()
 X64 = BE.x64_enabled()

@@ -11,7 +11,6 @@ jax = pytest.importorskip("jax", reason="the JAX MRBP needs jax")
 import jax.numpy as jnp
 
 from memcore.backends.jax.mrbp_model import bptt, checkpointed, mrbp
-
 from memcore.errors import MemcoreError
 
 pytestmark = pytest.mark.skipif(
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 def init(key, D=4, Ka=3, Kb=2):
     """Two stacked memory modules: A reads the input, B reads A's output."""
     ks = jax.random.split(key, 7)
-    n = lambda k, s: 0.5 * jax.random.normal(k, s, jnp.float64)  # noqa: E731
+    n = lambda k, s: 0.5 * jax.random.normal(k, s, jnp.float64)
     return {"wa": n(ks[0], (D, D)), "wb": n(ks[1], (D, D)), "ua": n(ks[2], (D, D)),
             "ub": n(ks[3], (D, D)), "head": n(ks[4], (D,)), "a0": n(ks[5], (Ka, D)),
             "b0": n(ks[6], (Kb, D))}  # fmt: skip
@@ -125,7 +124,7 @@ def test_loss_scale_scales_loss_and_grads():
 
 def test_offload_lowers_to_pinned_host_on_cuda():
     """Lowered for CUDA, offload='host' places the stored memories in pinned host memory."""
-    fn = lambda p, s, off: mrbp(step, p, memory0, s, offload=off)  # noqa: E731
+    fn = lambda p, s, off: mrbp(step, p, memory0, s, offload=off)
     try:
         run = jax.jit(fn, static_argnums=2)
         texts = [run.trace(PARAMS, SEGS, off).lower(lowering_platforms=("cuda",)).as_text()
@@ -177,7 +176,7 @@ def test_vmap_over_rollouts():
     segs = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), SEGS, data(5))
     batched = jax.vmap(lambda m, s: mrbp(step, PARAMS, m, s, truncate_every=2))(m0s, segs)
     for i in range(2):
-        pick = lambda t: jax.tree_util.tree_map(lambda x: x[i], t)  # noqa: E731
+        pick = lambda t: jax.tree_util.tree_map(lambda x: x[i], t)
         _assert_same(pick(batched), bptt(step, PARAMS, pick(m0s), pick(segs), truncate_every=2))
 
 
@@ -224,7 +223,7 @@ def test_bad_inputs_are_refused():
         mrbp(step, PARAMS, memory0, segs)
     with pytest.raises(MemcoreError, match=r"`params` leaves must be floating.*\['n'\]"):
         mrbp(step, {**PARAMS, "n": jnp.arange(3)}, memory0, SEGS)
-    bad = lambda p, m, s: (step(p, m, s)[0], {"a": m["a"][:, :1], "b": m["b"]})  # noqa: E731
+    bad = lambda p, m, s: (step(p, m, s)[0], {"a": m["a"][:, :1], "b": m["b"]})
     with pytest.raises(MemcoreError, match=r"next_memory\['a'\] must have shape \(2, 3, 4\)"):
         mrbp(bad, PARAMS, memory0, SEGS)
     with pytest.raises(MemcoreError, match="`offload` is an option of mrbp only"):

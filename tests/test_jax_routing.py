@@ -9,16 +9,16 @@ import pytest
 
 jax = pytest.importorskip("jax", reason="the JAX backend needs jax (pip install 'memcore[jax]')")
 
-import jax.numpy as jnp  # noqa: E402
-from hypothesis import given  # noqa: E402
+import jax.numpy as jnp
+from hypothesis import given
 
-from memcore import MemcoreError, MemoryConfig, SABConfig  # noqa: E402
-from memcore.backends.jax import JaxBackend, routing, sab_routing  # noqa: E402
-from memcore.conformance.compare import compare  # noqa: E402
-from memcore.conformance.strategies import RoutingLayout, build_case, seeds  # noqa: E402
-from memcore.conformance.tolerances import Tol, tolerance  # noqa: E402
-from memcore.reference import routing as ref  # noqa: E402
-from memcore.routing_types import Loss  # noqa: E402
+from memcore import MemcoreError, MemoryConfig, SABConfig
+from memcore.backends.jax import JaxBackend, routing, sab_routing
+from memcore.conformance.compare import compare
+from memcore.conformance.strategies import RoutingLayout, build_case, seeds
+from memcore.conformance.tolerances import Tol, tolerance
+from memcore.reference import routing as ref
+from memcore.routing_types import Loss
 
 BE = JaxBackend()
 X64 = BE.x64_enabled()

@@ -13,18 +13,18 @@ import pytest
 
 jax = pytest.importorskip("jax", reason="the JAX backend needs jax (pip install 'memcore[jax]')")
 
-import jax.numpy as jnp  # noqa: E402
-from jax import lax  # noqa: E402
+import jax.numpy as jnp
+from jax import lax
 
-from memcore import SABConfig  # noqa: E402
-from memcore.backends.jax import sab_model, sab_routing  # noqa: E402
-from memcore.backends.jax.sab import sparse_retrieve  # noqa: E402
-from memcore.backends.jax.sab_cells import gru_cell_fn, linear_readout  # noqa: E402
-from memcore.reference import routing as ref  # noqa: E402
-from memcore.reference.routing.samples import sab_sample  # noqa: E402
-from memcore.train import fast_jax  # noqa: E402
-from memcore.train.config import parse_config  # noqa: E402
-from memcore.train.trainer import train  # noqa: E402
+from memcore import SABConfig
+from memcore.backends.jax import sab_model, sab_routing
+from memcore.backends.jax.sab import sparse_retrieve
+from memcore.backends.jax.sab_cells import gru_cell_fn, linear_readout
+from memcore.reference import routing as ref
+from memcore.reference.routing.samples import sab_sample
+from memcore.train import fast_jax
+from memcore.train.config import parse_config
+from memcore.train.trainer import train
 
 X64 = bool(jax.config.jax_enable_x64)
 needs_x64 = pytest.mark.skipif(

@@ -17,7 +17,6 @@ from memcore.config import SABConfig
 from memcore.reference import routing
 from memcore.reference.routing.samples import memformer_sample, sab_sample
 
-
 B, L, K, D, H = 2, 3, 4, 6, 2  # Memformer sizes
 I, HD, A, O = 3, 4, 3, 2  # SAB sizes (B shared)
 

@@ -11,7 +11,7 @@ from memcore.models import MemformerConfig
 
 torch = pytest.importorskip("torch", reason="the torch model needs torch")
 
-from memcore.backends.torch.memformer import MemformerLM  # noqa: E402
+from memcore.backends.torch.memformer import MemformerLM
 
 SMALL = MemformerConfig(vocab=11, dim=8, heads=2, layers=2, slots=3)
 
@@ -237,6 +237,7 @@ def test_jax_bad_inputs_raise():
 # ----------------------------------------------------------------------------- memcore train
 def _train_config(**routing):
     import pathlib
+
     import tomllib
 
     from memcore.train.config import parse_config
@@ -311,6 +312,7 @@ def test_lm_task_needs_the_lm_model():
     """Task lm_recall with model kind memformer is refused at load time."""
     import copy
     import pathlib
+
     import tomllib
 
     from memcore.train.config import parse_config

@@ -9,9 +9,9 @@ import pathlib
 import re
 import shutil
 import subprocess
-import tomllib
 
 import pytest
+import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())

@@ -17,11 +17,11 @@ pytest.importorskip(
 )
 
 import jax.numpy as jnp
+
+from memcore import MemcoreError
 from memcore.backends.jax import pallas_write
 from memcore.backends.jax.memory import memory_write
 from memcore.backends.jax.pallas_write import pallas_memory_write
-
-from memcore import MemcoreError
 
 NAMES = ("memory", "x", "wq", "wk", "wv", "v_bias")
 # bench/ is a folder of scripts at the repository root, not an installed package.

@@ -190,7 +190,7 @@ def test_tau_1e_3_stays_finite(dtype):
     q, kx = m @ ws[0], x @ ws[1]
     raw = np.einsum("bkd,bld->bkl", q, kx) / (math.sqrt(6) * 1e-3)
     assert raw.max() > 800, "the case must overflow exp without the max subtraction"
-    cast = lambda t: t.astype(dtype)  # noqa: E731
+    cast = lambda t: t.astype(dtype)
     ins = (cast(m), cast(x)) + tuple(cast(w) for w in ws)
     out, grads = _vjp("slot_attention", ins, {"num_heads": 1, "tau": 1e-3}, np.ones_like(ins[0]))
     assert out.dtype == dtype and np.all(np.isfinite(out))
@@ -252,7 +252,7 @@ def test_memory_reset_replaces_flagged_rows_only():
 # ------------------------------------------------------------------ lstm
 def test_lstm_gate_order_matches_hand_computation():
     """Gates are laid out (i, f, g, o) along the 4 Hd axis of [x, h] w + b."""
-    sig = lambda z: 1.0 / (1.0 + math.exp(-z))  # noqa: E731
+    sig = lambda z: 1.0 / (1.0 + math.exp(-z))
     x, h, c = 0.7, -0.4, 1.3
     w = np.array([[0.5, -1.1, 0.9, 0.2], [1.7, 0.3, -0.6, -1.4]])
     b = np.array([0.1, 2.0, -0.3, -0.8])

@@ -117,9 +117,8 @@ def test_nested_use_backend_restores(clean):
         with memcore.use_backend(_t("inner")):
             assert memcore.get_backend().name == "inner"
         assert memcore.get_backend().name == "outer"
-        with pytest.raises(RuntimeError):
-            with memcore.use_backend(_t("inner")):
-                raise RuntimeError("boom")
+        with pytest.raises(RuntimeError), memcore.use_backend(_t("inner")):
+            raise RuntimeError("boom")
         assert registry.resolve_backend_name() == _t("outer")
     assert registry.resolve_backend_name() == "numpy"
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 import attrs
 import numpy as np
 import pytest
+
+from memcore.config import SABConfig
+from memcore.errors import MemcoreError
+from memcore.gradcheck import dot_product_test
 from memcore.reference import routing
 from memcore.reference.routing.sab_release import B_HH, is_cut, mode_params, sab_modes_bptt
 from memcore.reference.sab_release import (
@@ -18,10 +22,6 @@ from memcore.reference.sab_release import (
     retrieve_forward,
     threshold_index,
 )
-
-from memcore.config import SABConfig
-from memcore.errors import MemcoreError
-from memcore.gradcheck import dot_product_test
 from memcore.routing_types import HEAD_PARAM, Loss
 
 RELEASE = SABConfig(k_top=3, k_att=2, k_trunc=3, threshold_grad=True, include_h0_memory=True,

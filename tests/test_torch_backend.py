@@ -12,10 +12,10 @@ torch = pytest.importorskip(
 
 from hypothesis import given
 
-from memcore.backends.torch import TorchBackend
-from memcore.conformance.strategies import samples
 import memcore
 from memcore import MemcoreError, reference
+from memcore.backends.torch import TorchBackend
+from memcore.conformance.strategies import samples
 from memcore.ops import OPS, error_cases
 from memcore.opspec import Sizes
 

@@ -9,6 +9,7 @@ torch = pytest.importorskip(
     "torch", reason="the torch backend needs torch (pip install 'memcore[torch]')"
 )
 
+from memcore import MemcoreError, SABConfig
 from memcore.backends.torch import (
     MemoryReader,
     MemoryWriter,
@@ -17,8 +18,6 @@ from memcore.backends.torch import (
     memformer_params,
     train_mrbp,
 )
-
-from memcore import MemcoreError, SABConfig
 from memcore.routing_types import Loss
 
 BE = TorchBackend()
@@ -131,7 +130,7 @@ def test_train_mrbp_accumulates_and_checks():
 @pytest.mark.parametrize("include_h0", [False, True])
 def test_sab_cell_rollout_equals_sab_bptt(include_h0):
     """Backward through an SABCell rollout (truncate=True) equals the backend's sab_bptt."""
-    I, Hd, O, A, steps = 2, 3, 2, 2, 9  # noqa: E741 - glossary names
+    I, Hd, O, A, steps = 2, 3, 2, 2, 9
     cfg = SABConfig(k_top=2, k_att=2, k_trunc=3, include_h0_memory=include_h0, threshold_grad=True)
     torch.manual_seed(4)
     cell = SABCell(I, Hd, O, A, cfg, dtype=F64)

@@ -9,11 +9,10 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the model-agnostic MRBP is torch code")
 
-from _mrbp_model_cases import B, T, Stacked, assert_close, bptt, data, grads
+from _mrbp_model_cases import B, Stacked, T, assert_close, bptt, data, grads
 from memcore.backends.torch import _mrbp_graphs
 from memcore.backends.torch._mrbp_tree import Segments, leaves_reached
 from memcore.backends.torch.mrbp_model import MRBP, mrbp, recompute
-
 from memcore.errors import MemcoreError
 
 
@@ -223,6 +222,7 @@ def test_ddp_all_reduces_once_per_rollout(tmp_path):
     """Under DDP (gloo, 2 CPU processes) each rollout all-reduces every bucket once, in
     segment 0's backward, and leaves the single-process full-batch gradient."""
     import torch.multiprocessing as mp
+
     from _mrbp_model_cases import ddp_worker
 
     if not torch.distributed.is_available():

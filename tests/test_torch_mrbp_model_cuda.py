@@ -11,9 +11,8 @@ torch = pytest.importorskip("torch", reason="the model-agnostic MRBP is torch co
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
-from _mrbp_model_cases import B, T, Stacked, assert_close, bptt, data, grads
+from _mrbp_model_cases import B, Stacked, T, assert_close, bptt, data, grads
 from memcore.backends.torch.mrbp_model import MRBP, mrbp
-
 from memcore.errors import MemcoreError
 
 DEV = torch.device("cuda")

@@ -13,11 +13,11 @@ torch = pytest.importorskip(
 
 from hypothesis import given
 
+from memcore import MemcoreError, MemoryConfig, SABConfig
 from memcore.backends.torch import TorchBackend
 from memcore.backends.torch.steps import stack_memories, step_loss
 from memcore.conformance.strategies import memformer_cases, sab_cases
 from memcore.reference import routing as ref
-from memcore import MemcoreError, MemoryConfig, SABConfig
 from memcore.routing_types import Loss
 
 BE = TorchBackend()
@@ -193,7 +193,7 @@ def test_untruncated_replay_is_plain_autograd(case):
 def test_skipped_chunks_receive_no_gradient():
     """Chunks the replay skips get exactly zero gradient in the whole masked graph; others don't."""
     rng = np.random.default_rng(4)
-    T, B, I, Hd, A, O = 12, 2, 2, 3, 2, 2  # noqa: E741 - glossary names
+    T, B, I, Hd, A, O = 12, 2, 2, 3, 2, 2
     cfg = SABConfig(k_top=1, k_att=2, k_trunc=3)
     params = {
         k: torch.tensor(rng.uniform(-1, 1, s))
@@ -297,7 +297,7 @@ def test_peak_cache_bytes_growth():
 def test_sparse_replay_holds_less_than_sab_bptt():
     """Sparse replay's peak is the stored states plus one chunk, well under the whole graph's."""
     rng = np.random.default_rng(1)
-    T, B, I, Hd, A, O = 40, 2, 3, 8, 4, 2  # noqa: E741 - glossary names
+    T, B, I, Hd, A, O = 40, 2, 3, 8, 4, 2
     shapes = {
         "lstm_w": (I + Hd, 4 * Hd),
         "lstm_b": (4 * Hd,),
@@ -321,7 +321,7 @@ def test_sparse_replay_holds_less_than_sab_bptt():
     assert stored < replay.peak_cache_bytes < whole.peak_cache_bytes / 3
 
 
-def _sab_inputs(T, cfg, *, B=2, I=2, Hd=3, A=2, O=2, seed=0, scale=1.0):  # noqa: E741
+def _sab_inputs(T, cfg, *, B=2, I=2, Hd=3, A=2, O=2, seed=0, scale=1.0):
     rng = np.random.default_rng(seed)
     shapes = {
         "lstm_w": (I + Hd, 4 * Hd),

@@ -16,7 +16,7 @@ from memcore.backends.torch.sab_model import chunk_starts, hidden, with_hidden
 from memcore.routing_types import Loss
 
 RTOL, ATOL = 1e-10, 1e-12
-T, B, I, Hd, A, O = 11, 3, 2, 4, 3, 2  # noqa: E741 - glossary names
+T, B, I, Hd, A, O = 11, 3, 2, 4, 3, 2
 
 
 def _params(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:

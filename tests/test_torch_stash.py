@@ -7,7 +7,6 @@ import pytest
 torch = pytest.importorskip("torch", reason="the stash is torch code")
 
 from memcore.backends.torch.stash import MemoryStash
-
 from memcore.errors import MemcoreError
 
 CUDA = torch.cuda.is_available()

@@ -13,11 +13,11 @@ import zipfile
 
 import numpy as np
 import pytest
-from test_train import _tiny, needs_torch
 
 from memcore.errors import MemcoreError
 from memcore.train import parse_config
 from memcore.train.cli import main as train_main
+from test_train import _tiny, needs_torch
 
 BAD_VALUES = [[], {}, "x", "", 1.5, True, -1, 0, 10**30, float("nan"), float("inf"), [1, "a"]]
 MEMFORMER = {

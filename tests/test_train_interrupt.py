@@ -13,12 +13,12 @@ import sys
 
 import numpy as np
 import pytest
-from test_train import _tiny
 
 import memcore.train.trainer as trainer
 from memcore.train import parse_config, train
 from memcore.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from memcore.train.cli import main as train_main
+from test_train import _tiny
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

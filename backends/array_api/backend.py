@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from memcore import reference
-from memcore.routing_delegate import RoutingDelegate
 from memcore.errors import MemcoreError
 from memcore.ops import OPS
 from memcore.protocol import (
@@ -26,6 +25,7 @@ from memcore.protocol import (
     probe_float64,
 )
 from memcore.reference._xp import all_finite
+from memcore.routing_delegate import RoutingDelegate
 
 __all__ = ["REQUIRED_FUNCTIONS", "ArrayApiBackend", "default_backend", "device_name"]
 

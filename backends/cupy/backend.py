@@ -16,10 +16,10 @@ from typing import Any
 import attrs
 import cupy as cp
 import numpy as np
-from memcore.backends.cupy import interop
-from memcore.backends.cupy.fused import FUSED_OPS
 
 from memcore import reference
+from memcore.backends.cupy import interop
+from memcore.backends.cupy.fused import FUSED_OPS
 from memcore.errors import MemcoreError
 from memcore.ops import OPS
 from memcore.options import options

@@ -19,6 +19,7 @@ import math
 from typing import Any
 
 import cupy as cp
+
 from memcore.backends.cupy import kernels
 from memcore.reference import attention as ref_attention
 from memcore.reference import sab as ref_sab

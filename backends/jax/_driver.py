@@ -13,8 +13,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from memcore.backends.jax._common import compute_dtype
 
+from memcore.backends.jax._common import compute_dtype
 from memcore.routing_types import Loss, RoutingResult
 
 __all__ = ["held_bytes", "scalar", "tree_add", "vjp_driver", "weights_array"]

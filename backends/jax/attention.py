@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+
 from memcore.backends.jax._common import merge_heads, scaled_softmax, split_heads, upcast_halves
 
 __all__ = ["memory_read", "slot_attention"]

@@ -23,15 +23,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from memcore.backends.jax.attention import memory_read, slot_attention
 from memcore.backends.jax.lstm import lstm_cell
 from memcore.backends.jax.memory import bmn, memory_init, memory_reset, memory_write
 from memcore.backends.jax.sab import sab_scores, sparse_retrieve, sparsify
-
 from memcore.errors import MemcoreError
 from memcore.ops import OPS
-from memcore.options import get_options
 from memcore.opspec import Tensor
+from memcore.options import get_options
 from memcore.protocol import BackendBase, Capabilities, check_dtype_arg, check_to_numpy_arg
 from memcore.routing_delegate import RoutingDelegate
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from memcore.backends.jax._common import upcast_halves
 
 __all__ = ["lstm_cell"]

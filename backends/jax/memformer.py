@@ -31,9 +31,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from memcore.backends.jax.attention import memory_read
 from memcore.backends.jax.memory import memory_init, memory_write
-
 from memcore.errors import MemcoreError
 from memcore.models import MemformerConfig
 

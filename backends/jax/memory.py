@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+
 from memcore.backends.jax._common import upcast_halves
 from memcore.backends.jax.attention import slot_attention
 

@@ -19,10 +19,10 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+
 from memcore.backends.jax.attention import memory_read
 from memcore.backends.jax.memory import memory_init, memory_reset, memory_write
 from memcore.backends.jax.steps import sab_step
-
 from memcore.config import SABConfig
 from memcore.errors import expect
 

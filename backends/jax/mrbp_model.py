@@ -40,8 +40,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from memcore.backends.jax._mrbp_checks import check_entry, check_memory, check_step_output
 
+from memcore.backends.jax._mrbp_checks import check_entry, check_memory, check_step_output
 from memcore.errors import MemcoreError
 
 __all__ = ["bptt", "checkpointed", "mrbp"]

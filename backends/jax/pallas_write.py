@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from memcore.backends.jax.memory import NORM_EPS, memory_write
 
+from memcore.backends.jax.memory import NORM_EPS, memory_write
 from memcore.errors import MemcoreError
 from memcore.ops import OPS
 

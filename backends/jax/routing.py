@@ -32,6 +32,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+
 from memcore.backends.jax._driver import (
     held_bytes,
     scalar,
@@ -41,12 +42,11 @@ from memcore.backends.jax._driver import (
 )
 from memcore.backends.jax.sab_routing import sab_bptt, sab_full_bptt, sab_sparse_replay
 from memcore.backends.jax.steps import memformer_step, step_loss
+from memcore.errors import MemcoreError
+from memcore.routing_types import Loss, RoutingResult
 
 # The reference's entry checks, so every backend rejects bad input with the same message.
 from memcore.routing_validation import check_memformer, reject_memformer_only
-
-from memcore.errors import MemcoreError
-from memcore.routing_types import Loss, RoutingResult
 
 __all__ = ["bptt", "mrbp", "sab_bptt", "sab_sparse_replay"]
 

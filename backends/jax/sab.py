@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+
 from memcore.backends.jax._common import upcast_halves
 
 __all__ = [

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
 from memcore.backends.jax.lstm import lstm_cell
 
 __all__ = ["gru_cell_fn", "init_gru_params", "linear_readout", "lstm_cell_fn"]

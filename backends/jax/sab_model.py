@@ -43,6 +43,7 @@ import attrs
 import jax
 import jax.numpy as jnp
 from jax import lax
+
 from memcore.backends.jax._common import compute_dtype
 from memcore.backends.jax.sab_bank import (
     Retrieval,
@@ -55,7 +56,6 @@ from memcore.backends.jax.sab_bank import (
 )
 from memcore.backends.jax.sab_cells import gru_cell_fn, linear_readout, lstm_cell_fn
 from memcore.backends.jax.steps import step_loss
-
 from memcore.errors import MemcoreError
 
 __all__ = [

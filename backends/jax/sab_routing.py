@@ -18,6 +18,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+
 from memcore.backends.jax._driver import scalar, vjp_driver, weights_array
 from memcore.backends.jax.sab_bank import bank_init, bank_slots, retrieval
 from memcore.backends.jax.sab_model import (
@@ -28,9 +29,8 @@ from memcore.backends.jax.sab_model import (
     rollout_loss,
     trunc_phase,
 )
-from memcore.routing_validation import check_sab
-
 from memcore.routing_types import Loss, RoutingResult
+from memcore.routing_validation import check_sab
 
 __all__ = ["peak_bytes", "sab_bptt", "sab_full_bptt", "sab_sparse_replay"]
 

@@ -12,11 +12,11 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+
 from memcore.backends.jax.attention import memory_read
 from memcore.backends.jax.lstm import lstm_cell
 from memcore.backends.jax.memory import memory_reset, memory_write
 from memcore.backends.jax.sab import sparse_retrieve
-
 from memcore.config import MemoryConfig, SABConfig
 from memcore.routing_types import HEAD_PARAM
 

@@ -7,11 +7,11 @@ from typing import Any
 import numpy as np
 
 from memcore import reference
-from memcore.routing_delegate import RoutingDelegate
 from memcore.errors import MemcoreError
 from memcore.ops import OPS
 from memcore.protocol import BackendBase, Capabilities, check_dtype_arg, check_to_numpy_arg
 from memcore.reference._xp import all_finite
+from memcore.routing_delegate import RoutingDelegate
 
 __all__ = ["NumpyBackend"]
 

@@ -301,7 +301,7 @@ class SABCell(nn.Module):
                 f"`config` must be a memcore.SABConfig. Received: {type(config).__name__}"
             )
         self.config, self.truncate = config, truncate
-        I, Hd, O, A = input_size, hidden_size, output_size, scorer_width  # noqa: E741 - glossary names
+        I, Hd, O, A = input_size, hidden_size, output_size, scorer_width
         self.lstm_w = _uniform((I + Hd, 4 * Hd), I + Hd, dtype, device)
         self.lstm_b = nn.Parameter(torch.zeros(4 * Hd, dtype=dtype, device=device))
         self.w1 = _uniform((Hd, A), Hd, dtype, device)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+
 from memcore.backends.torch.sab import sab_scores, sparsify
 
 __all__ = ["release_scores", "release_sparsify", "retrieve", "sab_outputs_modes"]

@@ -53,8 +53,9 @@ import math
 import os
 
 import torch
-from memcore.backends.torch.memory import NORM_EPS, memory_write
 from torch.autograd.function import once_differentiable
+
+from memcore.backends.torch.memory import NORM_EPS, memory_write
 
 try:  # Triton is optional: the fallback is the torch op
     import triton

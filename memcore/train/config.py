@@ -16,10 +16,10 @@ that cannot train fails at load time, before a backend is even imported.
 from __future__ import annotations
 
 import pathlib
-import tomllib
 from typing import Any
 
 import attrs
+import tomllib
 
 from memcore.errors import MemcoreError
 from memcore.train._validators import bool_, int_min, lengths, one_of, path_, real, to_tuple

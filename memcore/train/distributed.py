@@ -168,7 +168,7 @@ def setup(
 
 
 def _torch() -> Any:
-    import torch  # noqa: PLC0415 - memcore imports no framework at module level
+    import torch  # memcore imports no framework at module level
 
     return torch
 
@@ -296,8 +296,8 @@ def jax_mesh(devices: str | int) -> Any:
     Raises:
         MemcoreError: N not "all" nor an integer in 1..local device count.
     """
-    import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
+    import jax
+    import numpy as np
 
     local = jax.local_devices()
     if devices == "all":
@@ -323,9 +323,9 @@ def shard_gradient(fn: Callable[..., Any], mesh: Any) -> Callable[..., Any]:
     (one flat vector, one all-reduce), then are divided by N, so the result is the
     global-batch mean of one device. Use inside ``jax.jit``.
     """
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
 
     world = mesh.devices.size
 

@@ -71,13 +71,13 @@ class JaxAdam(NamedTuple):
 
 
 def _jax():
-    import jax  # noqa: PLC0415 - memcore imports no framework at module level
+    import jax  # memcore imports no framework at module level
 
     return jax
 
 
 def _device(device: str | None) -> Any:
-    from memcore.registry import get_backend  # noqa: PLC0415
+    from memcore.registry import get_backend
 
     return get_backend("jax")._device(device)
 
@@ -88,7 +88,7 @@ def _put(x: np.ndarray, dtype: Any, device: str | None) -> Any:
 
 
 def _float_dtype(dtype: str) -> Any:
-    import jax.numpy as jnp  # noqa: PLC0415
+    import jax.numpy as jnp
 
     return jnp.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
 
@@ -172,7 +172,7 @@ def make_train_step(
 def _make_train_step(config: TrainConfig, dtype: str, donate: bool, unroll: int, mesh: Any):
     jax = _jax()
     jnp = jax.numpy
-    from memcore.backends.jax import sab_model  # noqa: PLC0415
+    from memcore.backends.jax import sab_model
 
     core, kind, o = core_config(config), loss_kind(config), config.optim
     driver = {"bptt": sab_model.sab_full_bptt, "sparse_replay": sab_model.sab_sparse_replay}.get(
@@ -195,7 +195,7 @@ def _make_train_step(config: TrainConfig, dtype: str, donate: bool, unroll: int,
         return loss, grads
 
     if mesh is not None:  # each device's rows, one psum of every gradient and the loss
-        from memcore.train.distributed import shard_gradient  # noqa: PLC0415
+        from memcore.train.distributed import shard_gradient
 
         gradient = shard_gradient(gradient, mesh)
 
@@ -221,7 +221,7 @@ def _make_train_step(config: TrainConfig, dtype: str, donate: bool, unroll: int,
 
     if mesh is None:
         return jax.jit(step, donate_argnums=(0, 1) if donate else ())
-    from memcore.train.distributed import AXIS  # noqa: PLC0415
+    from memcore.train.distributed import AXIS
 
     spec, named = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
     rep, rows = named(mesh, spec()), named(mesh, spec(None, AXIS))
@@ -238,7 +238,7 @@ def outputs(config: TrainConfig, params: Mapping[str, Any], xs: Any, first: int 
     """Logits (T - first, B, C) (or y (T - first, B, O) without a head) of the SAB forward
     from h0 = c0 = 0, as one compiled ``lax.scan``; xs (T, B, I) on the device."""
     jnp = _jax().numpy
-    from memcore.backends.jax import sab_model  # noqa: PLC0415
+    from memcore.backends.jax import sab_model
 
     zeros = jnp.zeros((xs.shape[1], config.model.hidden), xs.dtype)
     ys, _ = sab_model.sab_outputs(
@@ -281,7 +281,7 @@ def evaluate(
 
 def _peak_bytes(config: TrainConfig, params, xs, targets, weights) -> int:
     """The routing's accounted bytes for this batch shape (traced, not run)."""
-    from memcore.backends.jax import sab_routing  # noqa: PLC0415
+    from memcore.backends.jax import sab_routing
 
     return sab_routing.peak_bytes(
         config.routing.method, params, xs, targets, weights, core_config(config), loss_kind(config)
@@ -294,7 +294,7 @@ def train_fast(
 ) -> dict[str, Any]:
     """:func:`memcore.train.trainer.train` after its checks (``setup``), with the compiled
     step: same batches, history, checkpoints, interrupt handling and results."""
-    from memcore.train import trainer as tr  # noqa: PLC0415 - trainer imports this module lazily
+    from memcore.train import trainer as tr  # trainer imports this module lazily
 
     jax = _jax()
     run, dtype, device, ckpt = config.run, setup.dtype, setup.device, setup.ckpt

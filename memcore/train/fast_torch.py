@@ -46,7 +46,7 @@ __all__ = ["TrainStep", "evaluate", "supports", "train_fast", "wanted"]
 
 
 def _torch():
-    import torch  # noqa: PLC0415 - memcore imports no framework at module level
+    import torch  # memcore imports no framework at module level
 
     return torch
 
@@ -84,7 +84,7 @@ class TrainStep:
         self, config, params, opt: AdamState, *, dtype="float32", device=None, graph=None, dp=None
     ):
         torch = _torch()
-        from memcore.backends.torch._common import torch_dtype  # noqa: PLC0415
+        from memcore.backends.torch._common import torch_dtype
 
         self.config, self.core, self.kind = config, core_config(config), loss_kind(config)
         self.dev, self.dt = torch.device(device or "cpu"), torch_dtype(dtype)
@@ -98,7 +98,7 @@ class TrainStep:
             p.grad = torch.zeros_like(p)  # accumulated in place by every backward
         self.reducer = None
         if dp is not None:  # no DDP reducer: one explicit all-reduce, capturable in the graph
-            from memcore.train.distributed import GradBuffer  # noqa: PLC0415
+            from memcore.train.distributed import GradBuffer
 
             self.reducer = GradBuffer(self.params, dp.world)
         self.m = {k: put(v) for k, v in opt.m.items()}
@@ -132,7 +132,7 @@ class TrainStep:
     def body(self) -> None:
         """The step on the static buffers: gradient, clipping, Adam (no host sync)."""
         torch = _torch()
-        from memcore.backends.torch import cells, sab_model  # noqa: PLC0415
+        from memcore.backends.torch import cells, sab_model
 
         P, method = self.params, self.config.routing.method
         torch._foreach_zero_([p.grad for p in P.values()])
@@ -241,8 +241,8 @@ def _np(x: Any) -> Any:
 # ----------------------------------------------------------------------------- evaluation
 def outputs(config: TrainConfig, params: Mapping[str, Any], xs: Any, first: int = 0) -> Any:
     """Logits (T - first, B, C) (y without a head) of the SAB forward from h0 = c0 = 0."""
-    from memcore.backends.torch import cells  # noqa: PLC0415
-    from memcore.backends.torch.sab_forward import sab_outputs  # noqa: PLC0415
+    from memcore.backends.torch import cells
+    from memcore.backends.torch.sab_forward import sab_outputs
 
     torch = _torch()
     zeros = torch.zeros((xs.shape[1], config.model.hidden), dtype=xs.dtype, device=xs.device)
@@ -253,7 +253,7 @@ def outputs(config: TrainConfig, params: Mapping[str, Any], xs: Any, first: int 
 
 def _metrics(config, params, batch, dtype, device) -> dict[str, float]:
     torch = _torch()
-    from memcore.backends.torch._common import torch_dtype  # noqa: PLC0415
+    from memcore.backends.torch._common import torch_dtype
 
     steps = batch.xs.shape[0]
     scored = scored_steps(config.task, steps)
@@ -284,9 +284,9 @@ def train_fast(
 ) -> dict[str, Any]:
     """:func:`memcore.train.trainer.train` after its checks (``setup``), with the compiled
     step: same batches, history, checkpoints, interrupt handling and results."""
-    from memcore.train import trainer as tr  # noqa: PLC0415 - trainer imports this module lazily
-    from memcore.train.distributed import local_batch  # noqa: PLC0415
-    from memcore.train.model import routed_gradient, sab_state0  # noqa: PLC0415
+    from memcore.train import trainer as tr  # trainer imports this module lazily
+    from memcore.train.distributed import local_batch
+    from memcore.train.model import routed_gradient, sab_state0
 
     run, dtype, device, ckpt = config.run, setup.dtype, setup.device, setup.ckpt
     if ckpt is not None:

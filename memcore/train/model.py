@@ -113,7 +113,7 @@ def init_params(config: TrainConfig, rng: np.random.Generator) -> dict[str, np.n
     I, Hd = input_size(config.task), model.hidden
     A, O = model.scorer or Hd, _out_dim(config)
     if model.init == "release" or model.score_rule == "release" or model.two_biases:
-        from memcore.train.release import release_params  # noqa: PLC0415
+        from memcore.train.release import release_params
 
         return release_params(config, rng, I, Hd, A, O)
     bias = u((4 * Hd,), Hd)
@@ -177,7 +177,7 @@ def routed_gradient(
 
         return routed_gradient_lm(backend, config, params, xs, targets, weights)
     if release_points(config):
-        from memcore.errors import MemcoreError  # noqa: PLC0415
+        from memcore.errors import MemcoreError
 
         raise MemcoreError(
             "Release-compatible SAB settings train on the compiled path only "

@@ -251,7 +251,7 @@ def train(
         from memcore.train.fast_jax import train_fast
 
         return train_fast(setup, config, stop_after=stop_after, progress=progress)
-    from memcore.train import fast_torch  # noqa: PLC0415 - imports no framework itself
+    from memcore.train import fast_torch  # imports no framework itself
 
     if fast_torch.wanted(config, setup.backend.name, device, fast):  # one captured step
         return fast_torch.train_fast(setup, config, stop_after=stop_after, progress=progress)

@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from memcore.routing_validation import reject_memformer_only
 from memcore.reference.routing.losses import DEFAULT_LOSS
 from memcore.reference.routing.memformer import memformer_bptt, memformer_unroll, mrbp
 from memcore.reference.routing.replay import sab_sparse_replay
@@ -31,6 +30,7 @@ from memcore.reference.routing.sab import (
 )
 from memcore.reference.steps import Step, get_step
 from memcore.routing_types import Loss, RoutingResult
+from memcore.routing_validation import reject_memformer_only
 
 __all__ = [
     "SabUnroll",

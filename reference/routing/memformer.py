@@ -12,12 +12,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from memcore.reference._xp import array_namespace
-from memcore.routing_validation import FORWARD_ONLY, check_memformer
 from memcore.reference.routing._common import GradSums, loss_cotangent
 from memcore.reference.routing.accounting import PeakTracker
 from memcore.reference.routing.losses import DEFAULT_LOSS, loss_forward, step_weights
 from memcore.reference.steps import memformer_step
 from memcore.routing_types import HEAD_PARAM, Loss, RoutingResult
+from memcore.routing_validation import FORWARD_ONLY, check_memformer
 
 __all__ = ["memformer_bptt", "memformer_unroll", "mrbp"]
 

@@ -16,13 +16,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from memcore.reference._xp import array_namespace
-from memcore.routing_validation import check_sab
 from memcore.reference.routing._common import GradSums
 from memcore.reference.routing.accounting import PeakTracker
 from memcore.reference.routing.losses import DEFAULT_LOSS, loss_forward, step_weights
 from memcore.reference.routing.sab import backward_steps, chunk_bounds, initial_state
 from memcore.reference.steps import SabState, sab_step
 from memcore.routing_types import HEAD_PARAM, Loss, RoutingResult
+from memcore.routing_validation import check_sab
 
 __all__ = ["sab_sparse_replay"]
 

@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from memcore.reference._xp import array_namespace
-from memcore.routing_validation import FORWARD_ONLY, check_sab
 from memcore.reference.routing._common import GradSums, loss_cotangent
 from memcore.reference.routing.accounting import PeakTracker
 from memcore.reference.routing.losses import DEFAULT_LOSS, loss_forward, step_weights
 from memcore.reference.steps import SabState, sab_step, stack_memories
 from memcore.routing_types import HEAD_PARAM, Loss, RoutingResult
+from memcore.routing_validation import FORWARD_ONLY, check_sab
 
 __all__ = [
     "SabUnroll",

@@ -15,15 +15,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from memcore.config import SABConfig
+from memcore.errors import MemcoreError
 from memcore.reference._xp import array_namespace, mT
 from memcore.reference.lstm import lstm_cell_backward, lstm_cell_forward
 from memcore.reference.routing._common import GradSums, loss_cotangent
 from memcore.reference.routing.losses import DEFAULT_LOSS, loss_forward, step_weights
 from memcore.reference.sab_release import retrieve_backward, retrieve_forward, scorer_params
 from memcore.reference.steps import SabState, stack_memories
-
-from memcore.config import SABConfig
-from memcore.errors import MemcoreError
 from memcore.routing_types import HEAD_PARAM, Loss, RoutingResult
 
 __all__ = ["is_cut", "mode_params", "sab_modes_bptt", "sab_modes_step"]
