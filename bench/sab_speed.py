@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in args.rows.split(","):
         try:
             payload["rows"][name] = _row(name, args, device)
-        except Exception as exc:  # keep the other rows; the failure is in the JSON
+        except Exception as exc:  # noqa: BLE001 - keep the other rows; the failure is in the JSON
             payload["rows"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         print(name, payload["rows"][name], flush=True)
         write_json(args.out, payload)

@@ -100,7 +100,7 @@ def _measure(name: str, mode: str, fn, tokens: int, repeat: int, warmup: int) ->
         dist.barrier()
         row.update(median_time(fn, repeat=repeat, warmup=warmup))
         row["peak_allocated"] = peak_memory(fn)["peak_allocated"]
-    except Exception as exc:  # a mode that fails (OOM, capture) is recorded; the run goes on
+    except Exception as exc:  # noqa: BLE001 - a failing mode (OOM, capture) is recorded
         row["error"] = f"{type(exc).__name__}: {exc}"[:300]
     return row
 

@@ -73,7 +73,7 @@ for _name in OPS:
     globals()[_name] = _op
     globals()[f"{_name}_forward"] = _fwd
     globals()[f"{_name}_backward"] = _bwd
-    __all__ += [_name, f"{_name}_forward", f"{_name}_backward"]
+    __all__ += [_name, f"{_name}_forward", f"{_name}_backward"]  # noqa: PLE0604 - names from OPS
 del _name, _op, _fwd, _bwd
 
 

@@ -221,9 +221,11 @@ def test_get_backend_refuses_non_string_names(name):
     """get_backend / use_backend with anything but a non-empty str name a MemcoreError listing choices."""
     with pytest.raises(MemcoreError, match=r"`name` must be a backend name .*Received: .*Available: "):
         memcore.get_backend(name)
-    with pytest.raises(MemcoreError, match=r"`name` must be a backend name"):
-        with memcore.use_backend(name):
-            pass  # pragma: no cover - never entered
+    with (
+        pytest.raises(MemcoreError, match=r"`name` must be a backend name"),
+        memcore.use_backend(name),
+    ):
+        pass  # pragma: no cover - never entered
 
 
 @given(weights=st.one_of(

@@ -131,7 +131,7 @@ def test_bad_inputs_raise():
     """Host arrays and wrong shapes are refused with a MemcoreError naming the argument."""
     be = CupyBackend()
     m = np.ones((2, 3, 4))
-    with pytest.raises(MemcoreError, match="`m` must be a cupy.ndarray"):
+    with pytest.raises(MemcoreError, match=r"`m` must be a cupy.ndarray"):
         be.forward("bmn", m, np.ones((3, 4)))
     with pytest.raises(MemcoreError, match=r"`v_bias` must have shape \(K, D\) = \(3, 4\)"):
         be.forward("bmn", cp.asarray(m), cp.ones((4, 3)))
@@ -300,7 +300,7 @@ def test_dlpack_jax_both_ways_zero_copy():
     c = be.from_jax(y)
     assert c.data.ptr == y.unsafe_buffer_pointer()
     np.testing.assert_array_equal(cp.asnumpy(c), np.asarray(y))
-    with pytest.raises(MemcoreError, match="`x` must be a cupy.ndarray"):
+    with pytest.raises(MemcoreError, match=r"`x` must be a cupy.ndarray"):
         be.to_jax(np.ones(3))
 
 

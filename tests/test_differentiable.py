@@ -90,7 +90,7 @@ def test_torch_vjp_leaves_the_callers_tensors_untouched():
     """vjp differentiates fresh leaves: the caller's .grad stays None and no graph leaks out."""
     torch = pytest.importorskip("torch", reason="needs torch")
     tb = memcore.get_backend("torch")
-    spec, sample = _sample("memory_write")
+    _spec, sample = _sample("memory_write")
     leaves = [torch.tensor(x, requires_grad=True) for x in sample.inputs]
     out = tb.forward("memory_write", *leaves, **sample.attrs)
     out2, grads = tb.vjp("memory_write", leaves, sample.attrs, torch.ones_like(out.detach()))

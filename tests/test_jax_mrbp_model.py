@@ -176,7 +176,7 @@ def test_vmap_over_rollouts():
     segs = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), SEGS, data(5))
     batched = jax.vmap(lambda m, s: mrbp(step, PARAMS, m, s, truncate_every=2))(m0s, segs)
     for i in range(2):
-        pick = lambda t: jax.tree_util.tree_map(lambda x: x[i], t)
+        pick = lambda t: jax.tree_util.tree_map(lambda x: x[i], t)  # noqa: B023 - used in-loop
         _assert_same(pick(batched), bptt(step, PARAMS, pick(m0s), pick(segs), truncate_every=2))
 
 

@@ -163,7 +163,7 @@ def test_torch_bad_segment_raises(segment, memory_shape, match):
 
 def test_torch_rejects_a_non_config():
     """MemformerLM takes a MemformerConfig, nothing else."""
-    with pytest.raises(MemcoreError, match="`config` must be a memcore.models.MemformerConfig"):
+    with pytest.raises(MemcoreError, match=r"`config` must be a memcore.models.MemformerConfig"):
         MemformerLM({"vocab": 11})
 
 
@@ -321,7 +321,7 @@ def test_lm_task_needs_the_lm_model():
     data = tomllib.loads((root / "configs" / "recall_lm_memformer_smoke.toml").read_text())
     bad = copy.deepcopy(data)
     bad["model"] = {"kind": "memformer"}
-    with pytest.raises(MemcoreError, match="`model.kind` must be 'memformer_lm'"):
+    with pytest.raises(MemcoreError, match=r"`model.kind` must be 'memformer_lm'"):
         parse_config(bad)
 
 

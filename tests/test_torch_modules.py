@@ -123,7 +123,7 @@ def test_train_mrbp_accumulates_and_checks():
         train_mrbp(MemoryReader(D, 3, dtype=F64), writer, xs, M0, targets)
     with pytest.raises(MemcoreError, match="`targets` must have shape"):
         train_mrbp(reader, writer, xs, M0, targets[:1])
-    with pytest.raises(MemcoreError, match="`stash` must be one of 'device', 'host'.*'gpu'"):
+    with pytest.raises(MemcoreError, match=r"`stash` must be one of 'device', 'host'.*'gpu'"):
         train_mrbp(reader, writer, xs, M0, targets, stash="gpu")
 
 
@@ -158,5 +158,5 @@ def test_sab_cell_rollout_equals_sab_bptt(include_h0):
         _close(p.grad, want.grads[k], f"grad {k}")
     _close(h0.grad, want.d_state0[0], "dh0")
     assert len(state.memories) == steps // 2 + include_h0
-    with pytest.raises(MemcoreError, match="`config` must be a memcore.SABConfig"):
+    with pytest.raises(MemcoreError, match=r"`config` must be a memcore.SABConfig"):
         SABCell(I, Hd, O, A, config={"k_top": 2})

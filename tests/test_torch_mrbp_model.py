@@ -153,7 +153,7 @@ def test_graph_needs_cuda_and_static_shapes():
     listed[2] = {"x": listed[2]["x"][:, :-1], "y": listed[2]["y"][:, :-1]}
     with pytest.raises(MemcoreError, match=r"segments of one structure.*segment 2 differs"):
         _mrbp_graphs.signature(m0, Segments(listed))
-    with pytest.raises(MemcoreError, match="one CUDA device.*cpu"):
+    with pytest.raises(MemcoreError, match=r"one CUDA device.*cpu"):
         _mrbp_graphs.signature(m0, Segments(segs))
     with pytest.raises(MemcoreError, match="`horizon` is not supported with graph=True"):
         MRBP(model, graph=True, horizon=2)

@@ -129,7 +129,7 @@ def test_untruncated_replay_is_full_bptt(kind):
     assert replay.replayed_chunks == (0,)
     P = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     total = _naive_loss(cell, P, xs, state0, targets, cfg, set(), (1.0,) * T)
-    for (k, v), g in zip(P.items(), torch.autograd.grad(total, list(P.values()))):
+    for (k, _v), g in zip(P.items(), torch.autograd.grad(total, list(P.values()))):
         _close(full.grads[k], g, f"grads[{k}]")
 
 
@@ -194,7 +194,7 @@ def test_trunc_phase_moves_the_cuts():
     )
     P = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     total = _naive_loss(cell, P, xs, state0, targets, cfg, {3, 6, 9}, (1.0,) * T)
-    for (k, v), g in zip(P.items(), torch.autograd.grad(total, list(P.values()))):
+    for (k, _v), g in zip(P.items(), torch.autograd.grad(total, list(P.values()))):
         _close(replay.grads[k], g, f"grads[{k}]")
 
 
@@ -204,7 +204,7 @@ def test_cell_driver_errors():
     cfg = SABConfig(k_trunc=3)
     with pytest.raises(MemcoreError, match=r"`trunc_phase` must be in \[0, k_trunc\)"):
         sab_model.sab_sparse_replay(cell, params, xs, state0, targets, config=cfg, trunc_phase=3)
-    with pytest.raises(MemcoreError, match="`config` must be a memcore.SABConfig"):
+    with pytest.raises(MemcoreError, match=r"`config` must be a memcore.SABConfig"):
         sab_model.sab_bptt(cell, params, xs, state0, targets, config=None)
     with pytest.raises(MemcoreError, match="`params` must contain w1"):
         sab_model.sab_loss(cell, {"gru_wx": params["gru_wx"]}, xs, state0, targets, config=cfg)

@@ -43,7 +43,7 @@ def test_stash_interleaves_push_and_pop():
 def test_stash_errors_name_the_argument():
     with pytest.raises(MemcoreError, match=r"`where` must be one of 'device', 'host'.*'disk'"):
         MemoryStash("disk")
-    with pytest.raises(MemcoreError, match="`tensor` must be a torch.Tensor.*list"):
+    with pytest.raises(MemcoreError, match=r"`tensor` must be a torch.Tensor.*list"):
         MemoryStash().push([1.0])
     with pytest.raises(MemcoreError, match="empty MemoryStash"):
         MemoryStash().pop()
@@ -63,7 +63,7 @@ def test_stash_keeps_pytrees(where):
         assert torch.equal(got["a"], want["a"]) and torch.equal(got["b"][1], want["b"][1])
     with pytest.raises(MemcoreError, match="pop_tree needs an earlier push_tree"):
         stash.pop_tree()
-    with pytest.raises(MemcoreError, match="leaves are all torch.Tensors.*float"):
+    with pytest.raises(MemcoreError, match=r"leaves are all torch.Tensors.*float"):
         stash.push_tree({"a": 1.0})
 
 

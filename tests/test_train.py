@@ -391,7 +391,7 @@ def test_resume_continues_exactly(tmp_path, backend):
 def test_resume_rejects_a_different_config(tmp_path):
     """Resuming with a changed config (other than run.steps) fails and names the difference."""
     train(parse_config(_tiny()), out=str(tmp_path), stop_after=2)
-    with pytest.raises(MemcoreError, match="optim.lr"):
+    with pytest.raises(MemcoreError, match=r"optim.lr"):
         train(parse_config(_tiny(**{"optim.lr": 0.5})), out=str(tmp_path), resume=True)
     longer = train(parse_config(_tiny(**{"run.steps": 8})), out=str(tmp_path), resume=True)
     assert longer["steps_done"] == 8

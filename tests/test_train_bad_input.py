@@ -4,6 +4,7 @@ a resume below the steps done, the backend precedence and a resume on another ba
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -46,10 +47,8 @@ def test_generated_bad_config_values_raise_memcore_error(label, section, key, va
         data[section].pop(key, None)
     else:
         data[section][key] = value
-    try:
+    with contextlib.suppress(MemcoreError):
         parse_config(data)
-    except MemcoreError:
-        pass
 
 
 @pytest.mark.parametrize("section", ["task", "model", "routing", "optim", "run"])
@@ -304,6 +303,6 @@ def test_an_explicit_backend_switch_is_recorded(tmp_path, capsys):
 
 def test_no_temporary_files_are_left_behind(tmp_path, capsys):
     """A run leaves only its checkpoint, results and plot in --out (no probe or temp files)."""
-    cfg, out = _saved_run(tmp_path, capsys)
+    _cfg, out = _saved_run(tmp_path, capsys)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "curves.png", "results.json"]
     assert not list(pathlib.Path(tempfile.gettempdir()).glob(".memcore-write-probe-*"))

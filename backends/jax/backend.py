@@ -173,13 +173,13 @@ class JaxBackend(RoutingDelegate, BackendBase):
         dtype = check_dtype_arg(dtype)
         arr = np.asarray(x)
         want = np.dtype(dtype) if dtype is not None and dtype != "bfloat16" else arr.dtype
-        if str(dtype) == "float64" or (dtype is None and arr.dtype == np.float64):
-            if not self.x64_enabled():
-                raise MemcoreError(
-                    "`dtype` float64 needs jax_enable_x64 "
-                    "(set JAX_ENABLE_X64=1 before importing jax). "
-                    f"Received: dtype={dtype or arr.dtype}, jax_enable_x64=False"
-                )
+        wants_x64 = str(dtype) == "float64" or (dtype is None and arr.dtype == np.float64)
+        if wants_x64 and not self.x64_enabled():
+            raise MemcoreError(
+                "`dtype` float64 needs jax_enable_x64 "
+                "(set JAX_ENABLE_X64=1 before importing jax). "
+                f"Received: dtype={dtype or arr.dtype}, jax_enable_x64=False"
+            )
         if dtype == "bfloat16":
             want = jnp.bfloat16
         if np.issubdtype(arr.dtype, np.integer) and dtype is None and not self.x64_enabled():

@@ -289,9 +289,6 @@ def from_flat(flat: Mapping[str, Any], config: MemformerConfig) -> dict[str, Any
         v = v if isinstance(v, jax.Array) else jnp.asarray(np.asarray(v))
         node: Any = params
         for k in path[:-1]:
-            if isinstance(node, dict):
-                node = node.setdefault(k, {})
-            else:
-                node = node[k]
+            node = node.setdefault(k, {}) if isinstance(node, dict) else node[k]
         node[path[-1]] = v.T if transposed else v
     return params

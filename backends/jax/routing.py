@@ -184,7 +184,7 @@ def _mf_step_residual_bytes(
             truncate_every=truncate_every,
         )
 
-    (m_next, value), pull = jax.vjp(fn, dict(params), memory)
+    (_m_next, value), pull = jax.vjp(fn, dict(params), memory)
     held = held_bytes(
         jax.tree_util.tree_leaves(pull), exclude=(params, memory, xs, targets, exclude)
     )

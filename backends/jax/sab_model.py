@@ -36,6 +36,7 @@ weights (T,) or None (all ones).
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -373,7 +374,7 @@ def sab_outputs(net, params, xs, state0, *, config, first=0, segments=4, unroll=
     def body_quiet(carry, inp):
         return body(carry, inp)[0], None
 
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in itertools.pairwise(cuts):
         h, aux, bank, keys = carry
         grow = bank_slots(b, config) - bank.shape[1]
         bank = jnp.pad(bank, ((0, 0), (0, grow), (0, 0)))

@@ -33,7 +33,7 @@ the ``trunc_phase`` argument (cuts entering every t > 1 with (t - 1 - trunc_phas
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch.utils._pytree import tree_map
@@ -58,6 +58,9 @@ from memcore.backends.torch.sab_core import (
 )
 from memcore.config import SABConfig
 from memcore.routing_types import Loss, RoutingResult
+
+if TYPE_CHECKING:
+    from memcore.backends.torch.steps import SABMemories
 
 __all__ = [
     "Retrieval",
@@ -182,7 +185,7 @@ def sab_bptt(
         check_call(params, xs, state0, targets, config, loss)
     P = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     s0 = tree_map(lambda x: x.detach().requires_grad_(True), state0)
-    flat0 = [x for x in flat_state(s0)]
+    flat0 = list(flat_state(s0))
     call = Call(cell, P, xs, targets, config, loss, readout)
     with torch.enable_grad(), SavedBytes(held_tensors(params, xs, targets)) as saved:
         run = _whole(call, s0, retrieval_for(config, retrieval), truncate, trunc_phase)

@@ -12,6 +12,7 @@ ran from which step; absent in checkpoints of memcore <= 0.1.0).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -98,10 +99,8 @@ def save_checkpoint(path: str | pathlib.Path, ckpt: Checkpoint) -> None:
 
 def _unlink_quietly(path: str) -> None:
     """Remove ``path`` if it is there (cleanup after a failed write)."""
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(path)
-    except OSError:
-        pass
 
 
 def _bad(path: pathlib.Path, why: str) -> MemcoreError:

@@ -203,7 +203,7 @@ def _jax_gradient(config: TrainConfig, params, xs, targets, weights) -> RoutingR
     from memcore.backends.jax import mrbp_model
 
     c = model_config(config)
-    T, B, L = xs.shape
+    _, B, L = xs.shape
     w = jnp.asarray(np.asarray(weights) / (B * L), dtype=xs.dtype)
     tokens = jnp.round(xs).astype(jnp.int32)
     step, memory0 = _jax_step(c, B)
