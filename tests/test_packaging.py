@@ -99,3 +99,14 @@ def test_ci_run_extracts_the_readme_test_command():
     assert done.stdout.strip() == _block_after("test-command")
     assert os.access(ROOT / ".ci" / "run", os.X_OK), ".ci/run must be executable"
     assert 'eval "$cmd"' in script
+
+
+def test_ci_run_gates_on_ruff_after_the_tests():
+    """.ci/run lints with ruff after the test command, and the test extra installs a pinned ruff."""
+    script = (ROOT / ".ci" / "run").read_text()
+    lines = [ln.strip() for ln in script.splitlines()]
+    assert "set -euo pipefail" in lines, "a failing step must stop .ci/run"
+    assert lines.index(".venv-test/bin/ruff check .") > lines.index('eval "$cmd"')
+    test_extra = PYPROJECT["project"]["optional-dependencies"]["test"]
+    assert any(re.fullmatch(r"ruff>=[\d.]+,<[\d.]+", r) for r in test_extra), test_extra
+    assert re.search(r"^ruff==[\d.]+$", (ROOT / "constraints.txt").read_text(), re.M)
