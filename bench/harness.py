@@ -107,6 +107,16 @@ def _version(name: str) -> str | None:
     return str(getattr(module, "__version__", "?"))
 
 
+def _tf32_matmul() -> Any:
+    """The float32 matmul mode; torch >= 2.9 refuses the legacy ``allow_tf32`` read once the
+    new ``fp32_precision`` API was used in the process (the conformance pinning uses it)."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return matmul.fp32_precision
+    except (AttributeError, RuntimeError):
+        return matmul.allow_tf32
+
+
 def run_record(extra_packages: Sequence[str] = ()) -> dict[str, Any]:
     """Where and how the numbers were taken: GPU, driver-visible versions and the command."""
     rec: dict[str, Any] = {
@@ -116,7 +126,7 @@ def run_record(extra_packages: Sequence[str] = ()) -> dict[str, Any]:
         "cuda_runtime": torch.version.cuda,
         "gpu": torch.cuda.get_device_name() if cuda() else None,
         "gpu_memory_bytes": torch.cuda.get_device_properties(0).total_memory if cuda() else None,
-        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_matmul": _tf32_matmul(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     for name in ("numpy", *extra_packages):
