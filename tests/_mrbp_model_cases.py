@@ -169,5 +169,6 @@ def ddp_worker(rank: int, world: int, init_file: str, out_path: str) -> None:
         if rank == 0:
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
             torch.save({"grads": grads, "calls": per_rollout}, out_path)
+        dist.barrier()  # no rank tears gloo down while the other is still at work
     finally:
         dist.destroy_process_group()

@@ -92,6 +92,7 @@ def _torch_worker(rank: int, world: int, init_file: str, out: str) -> None:
             res = train(parse_config(data), backend="torch", out=f"{out}/{name}", fast=fast)
             counts[name] = (len(calls) - before, res["steps_done"])
         pathlib.Path(f"{out}/counts{rank}.json").write_text(json.dumps(counts))
+        dist.barrier()  # no rank tears gloo down while the other is still at work
     finally:
         dist.all_reduce = real
         dist.destroy_process_group()
