@@ -8,7 +8,6 @@ from memcore.backends.jax.mrbp_model import mrbp
 
 V, D, K, H, T, L, B = 8, 16, 4, 2, 6, 4, 32  # vocab, width, slots, heads, segments, tokens, batch
 
-
 def init(k):  # the parameters: a plain pytree (nested dicts and lists of arrays)
     k = jax.random.split(k, 6)
     return {"embed": jax.random.normal(k[0], (V, D)), "head": jax.random.normal(k[1], (D, V)) / 4,

@@ -8,7 +8,6 @@ from memcore.backends.torch.mrbp_model import mrbp
 
 V, D, K, H, T, L, B = 8, 16, 4, 2, 6, 4, 32  # vocab, width, slots, heads, segments, tokens, batch
 
-
 class TwoMemoryLM(torch.nn.Module):
     def __init__(self):
         super().__init__()
