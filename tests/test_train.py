@@ -491,3 +491,16 @@ def test_copy_sab_smoke_learns_on_jax(tmp_path):
     """The same SAB copy smoke config, with only the backend changed, learns on jax."""
     final = _smoke("copy_sab_smoke", "jax", tmp_path)
     assert final["accuracy"] > 0.5, final
+
+
+def test_adam_runs_on_array_api_strict_arrays():
+    """The update and the global norm use only Array API calls (array-api-strict has no
+    ``.sum()`` method: the norm once called it and training on array_api crashed)."""
+    xp = pytest.importorskip("array_api_strict", reason="needs array-api-strict")
+    p = {"w": np.linspace(-1.0, 1.0, 6)}
+    g = {"w": np.linspace(2.0, -3.0, 6)}
+    want, _, want_norm = adam_update(p, g, adam_init(p), OptimConfig(clip_norm=1.0))
+    px, gx = {"w": xp.asarray(p["w"])}, {"w": xp.asarray(g["w"])}
+    got, _, norm = adam_update(px, gx, adam_init(px), OptimConfig(clip_norm=1.0))
+    np.testing.assert_allclose(np.asarray(got["w"]), want["w"], rtol=1e-12)
+    assert abs(norm - want_norm) < 1e-12

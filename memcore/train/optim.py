@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from memcore.reference._xp import array_namespace
 from memcore.train.config import OptimConfig
 
 __all__ = ["AdamState", "adam_init", "adam_update", "clip_by_global_norm", "global_norm"]
@@ -39,7 +40,7 @@ def adam_init(params: Mapping[str, Any]) -> AdamState:
 
 def global_norm(grads: Mapping[str, Any]) -> float:
     """sqrt(sum over every gradient entry of g^2), as a Python float."""
-    return math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+    return math.sqrt(sum(float(array_namespace(g).sum(g * g)) for g in grads.values()))
 
 
 def clip_by_global_norm(grads: Mapping[str, Any], max_norm: float) -> tuple[dict[str, Any], float]:
