@@ -315,3 +315,16 @@ def test_keep_blocks_rejects_horizon():
     """keep_blocks with a horizon is rejected (kept blocks accumulate per traversal)."""
     with pytest.raises(MemcoreError, match="`keep_blocks` is not supported with a horizon"):
         MRBP(Stacked(), keep_blocks=True, horizon=2)
+
+
+def test_fsdp_wrapped_step_is_refused():
+    """A step whose class is (or derives from) an FSDP wrapper gets a MemcoreError naming it,
+    before any forward runs (FSDP under MRBP is untested, so it is refused, not guessed)."""
+
+    class FullyShardedDataParallel(Stacked):  # stands in for torch's wrapper by class name
+        pass
+
+    torch.manual_seed(0)
+    model = FullyShardedDataParallel()
+    with pytest.raises(MemcoreError, match=r"must not be FSDP-wrapped.*FullyShardedDataParallel"):
+        mrbp(model, model.init_memory(B), data(0))

@@ -52,6 +52,9 @@ class MRBPOutput(NamedTuple):
     memory: Any
 
 
+_FSDP_CLASSES = ("FullyShardedDataParallel", "FSDPModule")
+
+
 def _ddp_type() -> Any:
     if not torch.distributed.is_available():
         return None
@@ -104,6 +107,18 @@ class MRBP:
         ):
             raise MemcoreError(
                 f"`loss_scale` must be a finite real number. Received: loss_scale={loss_scale!r}"
+            )
+        sharded = [
+            type(m).__name__
+            for m in (step, ddp)
+            if any(c.__name__ in _FSDP_CLASSES for c in type(m).__mro__)
+        ]
+        if sharded:
+            # Each replayed segment's backward would reduce-scatter (T times per rollout) and
+            # the stash would hold unsharded memories: not tested, so refused, not guessed.
+            raise MemcoreError(
+                "`step` must not be FSDP-wrapped: mrbp supports DistributedDataParallel "
+                f"(ddp=) or a single process. Received: {sharded[0]}"
             )
         ddp_type = _ddp_type()
         if ddp is None and ddp_type is not None and isinstance(step, ddp_type):
