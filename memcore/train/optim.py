@@ -40,7 +40,16 @@ def adam_init(params: Mapping[str, Any]) -> AdamState:
 
 def global_norm(grads: Mapping[str, Any]) -> float:
     """sqrt(sum over every gradient entry of g^2), as a Python float."""
-    return math.sqrt(sum(float(array_namespace(g).sum(g * g)) for g in grads.values()))
+    return math.sqrt(sum(_sum_of_squares(g) for g in grads.values()))
+
+
+def _sum_of_squares(g: Any) -> float:
+    # NumPy, torch and JAX arrays have a .sum() method; Array API objects (array-api-strict)
+    # need their namespace's sum.
+    sq = g * g
+    if hasattr(sq, "sum"):
+        return float(sq.sum())
+    return float(array_namespace(sq).sum(sq))
 
 
 def clip_by_global_norm(grads: Mapping[str, Any], max_norm: float) -> tuple[dict[str, Any], float]:
