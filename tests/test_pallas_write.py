@@ -22,6 +22,7 @@ from memcore import MemcoreError
 from memcore.backends.jax import pallas_write
 from memcore.backends.jax.memory import memory_write
 from memcore.backends.jax.pallas_write import pallas_memory_write
+from memcore.config import TAU_MIN
 
 NAMES = ("memory", "x", "wq", "wk", "wv", "v_bias")
 # bench/ is a folder of scripts at the repository root, not an installed package.
@@ -79,6 +80,17 @@ def test_matches_memory_write_float32(B, K, L, D, H, tau):
     """Output and the six gradients equal memory_write's in float32 to 1e-5 (relative)."""
     ins, dy = _inputs(B, K, L, D, jnp.float32)
     _check(*_both(ins, dy, H, tau), tol=1e-5)
+
+
+@pytest.mark.parametrize("tau,scale", [(1e-3, 1e3), (TAU_MIN, 1.0), (TAU_MIN, 1e3)])
+def test_tiny_tau_is_finite_and_matches_memory_write(tau, scale):
+    """The softmax subtracts the max before scaling: finite and equal to memory_write's at tiny tau."""
+    ins, dy = _inputs(2, 5, 4, 16, jnp.float32, seed=3)
+    ins = [a * scale if i < 2 else a for i, a in enumerate(ins)]  # memory, x ~ scale
+    ours, want = _both(ins, dy, 2, tau)
+    for i, a in enumerate((ours[0], *ours[1])):
+        assert bool(jnp.isfinite(a).all()), (tau, scale, i)
+    _check(ours, want, tol=1e-5)
 
 
 def test_slot_loop_and_split_chunks(monkeypatch):

@@ -9,11 +9,13 @@ projections stay XLA GEMMs (one (D, 2D) GEMM for [q | k_self] from the memory, o
 - forward kernel, grid (B, K / BK, H): one program per (batch row, block of BK slots, head).
   It computes the self logit <q_i, k_i> and the token logits q_i kx^T, the softmax over
   [self; tokens] with one max and one sum (the (B, H, K, L+1) logits never reach HBM), and the
-  weighted sum a_self m_i + a_tok vx. It writes the head output and the row log-sum-exp
-  (B, H, K), the only softmax residual.
+  weighted sum a_self m_i + a_tok vx. The row max of the raw logits is subtracted before the
+  1 / (sqrt(dh) tau) scale multiplies (docs/semantics.md §2), so no tau down to TAU_MIN
+  overflows. It writes the head output and the softmax residuals: the raw row max and the log
+  of the row's sum (B, H, K) each, a = exp((l - max) scale - log sum).
 - backward kernel, grid (B, H, S): one program per (batch row, head, chunk of K / S slots),
-  looping over the chunk's slot blocks. It recomputes the softmax from the log-sum-exp
-  (flash-attention style), writes d[q | k_self] and the direct d memory (a_self dO), and
+  looping over the chunk's slot blocks. It recomputes the softmax from the row max and
+  log-sum (flash-attention style), writes d[q | k_self] and the direct d memory (a_self dO), and
   accumulates d[k_x | v_x] over its slots in registers (no atomics). S > 1 only when B * H
   programs would leave the GPU idle; the S partial token gradients are summed by XLA.
 - BMN (forward and backward), dv_bias and every projection gradient are ``jnp`` around them.
@@ -146,28 +148,31 @@ def _keep_tokens(s, n_tokens: int, fill: float):
     return jnp.where(col < n_tokens, s, fill)
 
 
-def _fwd_kernel(qk_ref, kv_ref, m_ref, o_ref, lse_ref, *, scale: float, n_tokens: int):
-    """One (batch row, slot block, head): o = softmax([self; tokens]) [m; vx], and its lse."""
+def _fwd_kernel(qk_ref, kv_ref, m_ref, o_ref, mx_ref, lse_ref, *, scale: float, n_tokens: int):
+    """One (batch row, slot block, head): o = softmax([self; tokens]) [m; vx], the raw row max
+    and the log of the row sum."""
     acc = o_ref.dtype  # float32 (float64 for float64 inputs)
     q, ks = qk_ref[:, 0, :], qk_ref[:, 1, :]  # (BK, DH) each
     kx, vx = kv_ref[:, 0, :], kv_ref[:, 1, :]  # (BL, DH) each
-    s_self = jnp.sum(q.astype(acc) * ks.astype(acc), axis=1) * scale  # (BK,)
-    # Eq. 7: logits divided by tau < 1 (in scale) sharpen the write; padded tokens get -inf.
-    s_tok = _keep_tokens(_dot_nt(q, kx, acc) * scale, n_tokens, -jnp.inf)  # (BK, BL)
+    s_self = jnp.sum(q.astype(acc) * ks.astype(acc), axis=1)  # (BK,) raw logits
+    s_tok = _keep_tokens(_dot_nt(q, kx, acc), n_tokens, -jnp.inf)  # (BK, BL); padding -inf
     mx = jnp.maximum(jnp.max(s_tok, axis=1), s_self)  # finite: the self entry is never masked
-    p_self = jnp.exp(s_self - mx)
-    p_tok = jnp.exp(s_tok - mx[:, None])
+    # Eq. 7: logits divided by tau < 1 (in scale) sharpen the write. The max is subtracted
+    # first, then the scale multiplies: every exponent is <= 0, none overflows.
+    p_self = jnp.exp((s_self - mx) * scale)
+    p_tok = jnp.exp((s_tok - mx[:, None]) * scale)
     den = p_self + jnp.sum(p_tok, axis=1)
     o = p_self[:, None] * m_ref[...].astype(acc) + _dot(p_tok.astype(vx.dtype), vx, acc)
     o_ref[...] = o / den[:, None]
-    lse_ref[...] = mx + jnp.log(den)
+    mx_ref[...] = mx
+    lse_ref[...] = jnp.log(den)
 
 
 def _bwd_kernel(
-    qk_ref, kv_ref, m_ref, du_ref, lse_ref, dqk_ref, dm_ref, dkv_ref,
+    qk_ref, kv_ref, m_ref, du_ref, mx_ref, lse_ref, dqk_ref, dm_ref, dkv_ref,
     *, scale: float, n_tokens: int, bk: int, n_blocks: int,
 ):  # fmt: skip
-    """One (batch row, head, slot chunk): recompute a from the lse, then per slot block
+    """One (batch row, head, slot chunk): recompute a = exp((l - mx) scale - lse), then per block
     da_self = <dO, m>, da_tok = dO vx^T, dl = a (da - <a, da>) scale, dq = dl_self ks +
     dl_tok kx, dks = dl_self q, dm = a_self dO; accumulate dkx += dl_tok^T q, dvx += a_tok^T dO.
     """
@@ -182,10 +187,12 @@ def _bwd_kernel(
         ks = qk_ref[rows, 1, :].astype(acc)
         m = m_ref[rows, :].astype(acc)
         do = du_ref[rows, :]
-        lse = lse_ref[rows]  # (BK,)
-        p_self = jnp.exp(jnp.sum(q * ks, axis=1) * scale - lse)
+        mx, lse = mx_ref[rows], lse_ref[rows]  # (BK,) each
+        # the forward's softmax: raw logits, the row max subtracted, then the scale
+        p_self = jnp.exp((jnp.sum(q * ks, axis=1) - mx) * scale - lse)
         # where, not a product: exp of a padded token's logit may overflow to inf.
-        p_tok = _keep_tokens(jnp.exp(_dot_nt(q, kx, acc) * scale - lse[:, None]), n_tokens, 0.0)
+        s_tok = (_dot_nt(q, kx, acc) - mx[:, None]) * scale - lse[:, None]
+        p_tok = _keep_tokens(jnp.exp(s_tok), n_tokens, 0.0)
         dp_self = jnp.sum(do * m, axis=1)
         dp_tok = _dot_nt(do, vx, acc)  # (BK, BL)
         delta = p_self * dp_self + jnp.sum(p_tok * dp_tok, axis=1)  # <a, da> per slot
@@ -203,9 +210,10 @@ def _bwd_kernel(
 
 
 def _attend(lay: _Layout, t: _Tiles, n_tokens: int, scale: float, interpret: bool):
-    """Forward kernel: (o (B, Kp, H, DH), lse (B, H, Kp)), in the accumulation dtype."""
+    """Forward kernel: (o (B, Kp, H, DH), mx, lse (B, H, Kp) each), in the accumulation dtype."""
     B, H, acc = lay.qk5.shape[0], lay.qk5.shape[3], _acc(lay.qk5.dtype)
     slot = pl.BlockSpec((_SQ, t.bk, _SQ, t.dhp), lambda b, k, h: (b, k, h, 0))
+    row = pl.BlockSpec((_SQ, _SQ, t.bk), lambda b, k, h: (b, h, k))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, scale=scale, n_tokens=n_tokens),
         grid=(B, t.kp // t.bk, H),
@@ -214,9 +222,10 @@ def _attend(lay: _Layout, t: _Tiles, n_tokens: int, scale: float, interpret: boo
             pl.BlockSpec((_SQ, t.bl, 2, _SQ, t.dhp), lambda b, k, h: (b, 0, 0, h, 0)),
             slot,
         ],
-        out_specs=[slot, pl.BlockSpec((_SQ, _SQ, t.bk), lambda b, k, h: (b, h, k))],
+        out_specs=[slot, row, row],
         out_shape=[
             jax.ShapeDtypeStruct((B, t.kp, H, t.dhp), acc),
+            jax.ShapeDtypeStruct((B, H, t.kp), acc),
             jax.ShapeDtypeStruct((B, H, t.kp), acc),
         ],
         compiler_params=_compiler_params(_FWD_PARAMS),
@@ -225,11 +234,12 @@ def _attend(lay: _Layout, t: _Tiles, n_tokens: int, scale: float, interpret: boo
     )(lay.qk5, lay.kv5, lay.m4)
 
 
-def _attend_bwd(lay: _Layout, du4, lse, t: _Tiles, n_tokens: int, scale: float, interpret):
+def _attend_bwd(lay: _Layout, du4, mx, lse, t: _Tiles, n_tokens: int, scale: float, interpret):
     """Backward kernel: dqk (B, Kp, 2, H, DH), dm (B, Kp, H, DH), dkv (B, S, BL, 2, H, DH)."""
     B, H, acc = lay.qk5.shape[0], lay.qk5.shape[3], du4.dtype
     slots = pl.BlockSpec((_SQ, t.chunk, _SQ, t.dhp), lambda b, h, s: (b, s, h, 0))
     pair = pl.BlockSpec((_SQ, t.chunk, 2, _SQ, t.dhp), lambda b, h, s: (b, s, 0, h, 0))
+    rows = pl.BlockSpec((_SQ, _SQ, t.chunk), lambda b, h, s: (b, h, s))
     kernel = functools.partial(
         _bwd_kernel, scale=scale, n_tokens=n_tokens, bk=t.bk, n_blocks=t.chunk // t.bk
     )
@@ -241,7 +251,8 @@ def _attend_bwd(lay: _Layout, du4, lse, t: _Tiles, n_tokens: int, scale: float, 
             pl.BlockSpec((_SQ, t.bl, 2, _SQ, t.dhp), lambda b, h, s: (b, 0, 0, h, 0)),
             slots,
             slots,
-            pl.BlockSpec((_SQ, _SQ, t.chunk), lambda b, h, s: (b, h, s)),
+            rows,
+            rows,
         ],
         out_specs=[
             pair,
@@ -256,7 +267,7 @@ def _attend_bwd(lay: _Layout, du4, lse, t: _Tiles, n_tokens: int, scale: float, 
         compiler_params=_compiler_params(_BWD_PARAMS),
         interpret=interpret,
         name="memcore_write_bwd",
-    )(lay.qk5, lay.kv5, lay.m4, du4, lse)
+    )(lay.qk5, lay.kv5, lay.m4, du4, mx, lse)
 
 
 # ----------------------------------------------------------------------------- the VJP
@@ -310,7 +321,7 @@ def _forward(memory, x, wq, wk, wv, v_bias, num_heads, tau, interpret):
     """(y (B, K, D), residuals): projections, the forward kernel, then BMN in jnp."""
     t, K, L, dh, c = _geometry(memory, x, num_heads)
     lay = _layout(memory, x, wq, wk, wv, num_heads, t)
-    o4, lse = _attend(lay, t, L, c / tau, interpret)
+    o4, mx, lse = _attend(lay, t, L, c / tau, interpret)
     # BMN: u / max(||u||, eps), the reference's clamp, with a sqrt that never sees 0.
     u = _unpad(o4, K, dh) + v_bias.astype(o4.dtype)
     sq = jnp.sum(u * u, axis=-1, keepdims=True)
@@ -318,7 +329,7 @@ def _forward(memory, x, wq, wk, wv, v_bias, num_heads, tau, interpret):
     free = (sq > 0) & (root > NORM_EPS)
     n = jnp.where(free, root, NORM_EPS)
     y = u / n
-    return y.astype(memory.dtype), (lay.qk5, lay.kv5, lse, y, n, free)
+    return y.astype(memory.dtype), (lay.qk5, lay.kv5, mx, lse, y, n, free)
 
 
 def _write_impl(memory, x, wq, wk, wv, v_bias, num_heads, tau, interpret):
@@ -335,14 +346,14 @@ def _write_bwd(num_heads, tau, interpret, saved, dy):
     gives d[q | k_self], d[k_x | v_x] and a_self du; then dmemory = a_self du + d[q | k_self]
     [wq | wk]^T, dx = d[k_x | v_x] [wk | wv]^T, dw = input^T d(projection), dv_bias = sum_b du.
     """
-    (memory, x, wq, wk, wv, _), (qk5, kv5, lse, y, n, free) = saved
+    (memory, x, wq, wk, wv, _), (qk5, kv5, mx, lse, y, n, free) = saved
     t, K, L, dh, c = _geometry(memory, x, num_heads)
     B, D, op = memory.shape[0], memory.shape[-1], memory.dtype
     dy = dy.astype(y.dtype)
     du = jnp.where(free, dy - y * jnp.sum(y * dy, axis=-1, keepdims=True), dy) / n
     lay = _Layout(qk5, kv5, _slots(memory, num_heads, t))
     du4 = _pad(du.reshape(B, K, num_heads, dh), {1: t.kp, 3: t.dhp})
-    dqk5, dm4, dkv6 = _attend_bwd(lay, du4, lse, t, L, c / tau, interpret)
+    dqk5, dm4, dkv6 = _attend_bwd(lay, du4, mx, lse, t, L, c / tau, interpret)
     dqk = _unpad(dqk5, K, dh).astype(op)  # (B, K, 2D): [dq | dk_self]
     dkv = _unpad(jnp.sum(dkv6, axis=1), L, dh).astype(op)  # (B, L, 2D): [dk_x | dv_x]
     w_qk, w_kv = jnp.concatenate([wq, wk], axis=1), jnp.concatenate([wk, wv], axis=1)

@@ -8,14 +8,16 @@ slices, and the backward reuses W. The rest is fused:
 
 - forward kernel, one program per (batch row, block of BK slots), heads in a loop: self and
   token logits, the softmax over [self; tokens] (online max, no (B, H, K, L+1) tensor in
-  memory), the weighted sum, + v_bias, and the L2 normalization over D (BMN). It keeps the
-  row log-sum-exp (B, H, K) and 1 / max(||u||, eps) (B, K) for the backward.
+  memory), the weighted sum, + v_bias, and the L2 normalization over D (BMN). The softmax
+  subtracts the row max of the raw logits before the 1 / (sqrt(dh) tau) scale multiplies
+  (docs/semantics.md §2), so no tau down to TAU_MIN overflows. It keeps the raw row max and
+  the log of the row's sum (B, H, K) each, and 1 / max(||u||, eps) (B, K) for the backward.
 - BMN backward kernel, one program per slot, looping over the batch: the per-slot
   coefficient a = <y, dy> / ||u|| (0 where the norm was clamped) and dv_bias = sum over B of
   du, with du = dy / ||u|| - a y, reduced in registers (no atomics, deterministic).
 - backward kernel, one program per (batch row, head), looping over slot blocks: rebuilds du
-  from dy, y, 1/||u|| and a, recomputes the softmax from the log-sum-exp (flash-attention
-  style) and produces d[q | k_self], the direct d memory, and accumulates d[k_x | v_x] over
+  from dy, y, 1/||u|| and a, recomputes the softmax from the row max and log-sum
+  (flash-attention style, a = exp((l - max) scale - log sum)) and produces d[q | k_self], the direct d memory, and accumulates d[k_x | v_x] over
   slots in registers (no atomics). The projection gradients are cuBLAS GEMMs around it.
 
 Without Triton, for a device Triton cannot run on, or with a ``token_mask``, the call falls
@@ -79,7 +81,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _write_fwd(
-        qk_ptr, m_ptr, kv_ptr, vb_ptr, y_ptr, lse_ptr, rn_ptr,
+        qk_ptr, m_ptr, kv_ptr, vb_ptr, y_ptr, mx_ptr, lse_ptr, rn_ptr,
         K, L, scale, eps,
         H: tl.constexpr, DH: tl.constexpr, BK: tl.constexpr, BL: tl.constexpr,
     ):  # fmt: skip
@@ -104,19 +106,21 @@ if HAVE_TRITON:
                 kv_ptr + tok[:, None] * 2 * D + D + col[None, :], mask=ml[:, None], other=0.0
             )
             m = tl.load(m_ptr + row[:, None] * D + col[None, :], mask=mk[:, None], other=0.0)
-            s_self = tl.sum(q.to(tl.float32) * ks.to(tl.float32), axis=1) * scale
-            s_tok = tl.dot(q, tl.trans(kx)) * scale
+            s_self = tl.sum(q.to(tl.float32) * ks.to(tl.float32), axis=1)  # raw logits
+            s_tok = tl.dot(q, tl.trans(kx))
             s_tok = tl.where(ml[None, :], s_tok, float("-inf"))
-            mx = tl.maximum(tl.max(s_tok, axis=1), s_self)  # Eq. 7 softmax, max-subtracted
-            p_tok = tl.exp(s_tok - mx[:, None])
-            p_self = tl.exp(s_self - mx)
+            # Eq. 7 softmax: the max subtracted first, then the scale (every exponent <= 0)
+            mx = tl.maximum(tl.max(s_tok, axis=1), s_self)
+            p_tok = tl.exp((s_tok - mx[:, None]) * scale)
+            p_self = tl.exp((s_self - mx) * scale)
             den = tl.sum(p_tok, axis=1) + p_self
             o = p_self[:, None] * m.to(tl.float32) + tl.dot(p_tok.to(vx.dtype), vx)
             vb = tl.load(vb_ptr + offs_k[:, None] * D + col[None, :], mask=mk[:, None], other=0.0)
             u = o / den[:, None] + vb.to(tl.float32)
             sumsq += tl.sum(u * u, axis=1)
             tl.store(y_ptr + row[:, None] * D + col[None, :], u, mask=mk[:, None])
-            tl.store(lse_ptr + (b * H + h) * K + offs_k, mx + tl.log(den), mask=mk)
+            tl.store(mx_ptr + (b * H + h) * K + offs_k, mx, mask=mk)
+            tl.store(lse_ptr + (b * H + h) * K + offs_k, tl.log(den), mask=mk)
         rn = 1.0 / tl.maximum(tl.sqrt(sumsq), eps)  # BMN: u / max(||u||, eps)
         tl.store(rn_ptr + row, rn, mask=mk)
         tl.debug_barrier()
@@ -156,7 +160,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _write_bwd(
-        qk_ptr, m_ptr, kv_ptr, lse_ptr, y_ptr, dy_ptr, rn_ptr, a_ptr, dqk_ptr, dm_ptr, dkv_ptr,
+        qk_ptr, m_ptr, kv_ptr, mx_ptr, lse_ptr, y_ptr, dy_ptr, rn_ptr, a_ptr, dqk_ptr, dm_ptr, dkv_ptr,
         K, L, scale,
         H: tl.constexpr, DH: tl.constexpr, BK: tl.constexpr, BL: tl.constexpr,
     ):  # fmt: skip
@@ -189,14 +193,17 @@ if HAVE_TRITON:
             rn = tl.load(rn_ptr + row, mask=mk, other=0.0)
             a = tl.load(a_ptr + row, mask=mk, other=0.0)
             du = rn[:, None] * dy - a[:, None] * y  # BMN backward, a from _bmn_bwd
+            mx = tl.load(mx_ptr + (b * H + h) * K + offs_k, mask=mk, other=0.0)
             lse = tl.load(lse_ptr + (b * H + h) * K + offs_k, mask=mk, other=0.0)
             q = q.to(tl.float32)
             ks = ks.to(tl.float32)
             m = m.to(tl.float32)
-            s_self = tl.sum(q * ks, axis=1) * scale
-            s_tok = tl.dot(q, tl.trans(kx)) * scale
-            p_self = tl.exp(s_self - lse)
-            p_tok = tl.where(ml[None, :], tl.exp(s_tok - lse[:, None]), 0.0)
+            # the forward's softmax: raw logits, the row max subtracted, then the scale
+            s_self = tl.sum(q * ks, axis=1)
+            s_tok = tl.dot(q, tl.trans(kx))
+            p_self = tl.exp((s_self - mx) * scale - lse)
+            p_tok = tl.exp((s_tok - mx[:, None]) * scale - lse[:, None])
+            p_tok = tl.where(ml[None, :], p_tok, 0.0)
             dp_self = tl.sum(du * m, axis=1)
             dp_tok = tl.dot(du, tl.trans(vx))
             delta = p_self * dp_self + tl.sum(p_tok * dp_tok, axis=1)  # sum_j a_j da_j
@@ -255,24 +262,25 @@ class _FusedWrite(torch.autograd.Function):
         qk = memory @ w[:, : 2 * D]  # (B, K, 2D): [q | k_self]
         kv = x @ w[:, D:]  # (B, L, 2D): [k_x | v_x]
         y = torch.empty_like(memory)
-        lse = torch.empty(B, num_heads, K, device=memory.device, dtype=torch.float32)
+        mx = torch.empty(B, num_heads, K, device=memory.device, dtype=torch.float32)
+        lse = torch.empty_like(mx)  # log of the row sum, in scaled units (mx is raw)
         rn = torch.empty(B, K, device=memory.device, dtype=torch.float32)
         scale = 1.0 / (math.sqrt(dh) * tau)
         BK, BL = _blocks(L, dh)
         _write_fwd[(B, triton.cdiv(K, BK))](
-            qk, memory, kv, v_bias, y, lse, rn, K, L, scale, NORM_EPS,
+            qk, memory, kv, v_bias, y, mx, lse, rn, K, L, scale, NORM_EPS,
             H=num_heads, DH=dh, BK=BK, BL=BL,
         )  # fmt: skip
         # wq, wk, wv are saved only for autograd's version check: updating them in place
         # before the backward raises, as it does for the torch op.
-        ctx.save_for_backward(memory, x, w, qk, kv, lse, rn, y, wq, wk, wv)
+        ctx.save_for_backward(memory, x, w, qk, kv, mx, lse, rn, y, wq, wk, wv)
         ctx.num_heads, ctx.scale = num_heads, scale
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        memory, x, w, qk, kv, lse, rn, y = ctx.saved_tensors[:8]
+        memory, x, w, qk, kv, mx, lse, rn, y = ctx.saved_tensors[:9]
         need = ctx.needs_input_grad
         B, K, D = memory.shape
         L, H, dt = x.shape[1], ctx.num_heads, memory.dtype
@@ -284,7 +292,7 @@ class _FusedWrite(torch.autograd.Function):
         dkv = torch.empty(B * L, 2 * D, device=y.device, dtype=dt)
         BK, BL = _blocks(L, D // H)
         _write_bwd[(B, H)](
-            qk, memory, kv, lse, y, dy, rn, a, dqk, dm, dkv, K, L, ctx.scale,
+            qk, memory, kv, mx, lse, y, dy, rn, a, dqk, dm, dkv, K, L, ctx.scale,
             H=H, DH=D // H, BK=BK, BL=BL,
         )  # fmt: skip
         d_memory = d_x = d_wq = d_wk = d_wv = None
