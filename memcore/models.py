@@ -13,28 +13,10 @@ from typing import Any
 
 import attrs
 
-from memcore.config import MemoryConfig, check_tau
+from memcore.config import MemoryConfig, _bool, _int_at_least, check_tau
 from memcore.errors import MemcoreError
 
 __all__ = ["MemformerConfig"]
-
-
-def _int_at_least(low: int):
-    def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise MemcoreError(
-                f"`{attribute.name}` must be an integer >= {low}. "
-                f"Received: {attribute.name}={value!r}"
-            )
-
-    return check
-
-
-def _bool(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise MemcoreError(
-            f"`{attribute.name}` must be a bool. Received: {attribute.name}={value!r}"
-        )
 
 
 @attrs.frozen
