@@ -346,8 +346,8 @@ def train_fast(
             weights = _put(np.asarray(batch.weights), _float_dtype(dtype), device)
             done, params, opt = last[:3]
             done += 1
-            logged = done % run.log_every == 0 or done == run.steps
-            if logged:  # accuracy of the parameters that produced this loss, on this batch
+            events = tr.step_events(run, done, end)
+            if events.logged:  # accuracy of the parameters that produced this loss, on this batch
                 metrics = _metrics(config, params, batch, dtype, device)
                 history["train"].append({"step": done, **metrics})
             if step == start:
@@ -356,17 +356,11 @@ def train_fast(
             # One assignment: an interrupt sees the step either wholly done or not at all.
             last = (done, *step_fn(params, opt, xs, targets, weights))
             pending.append((done, *last[3:]))
-            evals = bool(run.eval_every and done % run.eval_every == 0 and done != run.steps)
-            saves = bool(run.checkpoint_every and done % run.checkpoint_every == 0) or done == end
-            if logged or evals or saves:
-                flush()
-            if logged:
-                metric = tr._metric_text(history["train"][-1])
-                bar.show(done, start, history["loss"][-1], metric, force=True)
-            if evals:
-                metrics = evaluate(config, params, dtype=dtype, device=device)
-                history["eval"].append({"step": done, **metrics})
-            if saves:
+            tr.report_compiled_step(
+                history, bar, start, done, events, flush,
+                functools.partial(evaluate, config, last[1], dtype=dtype, device=device),
+            )  # fmt: skip
+            if events.saves:
                 history["train_time_s"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 save(last)

@@ -334,8 +334,8 @@ def train_fast(
                 batch = make_batch(config.task, rng, run.batch_size)
                 local = local_batch(setup, batch)  # this rank's rows of the global batch
                 done = step + 1
-                logged = done % run.log_every == 0 or done == run.steps
-                if logged:  # accuracy of the parameters that produced this loss, on this batch
+                events = tr.step_events(run, done, end)
+                if events.logged:  # accuracy of the parameters that produced this loss, on this batch
                     metrics = _metrics(config, view, batch, dtype, device)
                     history["train"].append({"step": done, **metrics})
                 if step == start and not release_points(config):  # the routing's accounted bytes,
@@ -350,18 +350,11 @@ def train_fast(
                 loss, norm = step_fn(local)
                 pending.append((done, loss.clone(), norm.clone()))
                 last = done
-                evals = bool(run.eval_every and done % run.eval_every == 0 and done != run.steps)
-                saves = bool(run.checkpoint_every and done % run.checkpoint_every == 0)
-                saves = saves or done == end
-                if logged or evals or saves:
-                    flush()
-                if logged:
-                    metric = tr._metric_text(history["train"][-1])
-                    bar.show(done, start, history["loss"][-1], metric, force=True)
-                if evals:
-                    metrics = evaluate(config, view, dtype=dtype, device=device)
-                    history["eval"].append({"step": done, **metrics})
-                if saves:
+                tr.report_compiled_step(
+                    history, bar, start, done, events, flush,
+                    lambda: evaluate(config, view, dtype=dtype, device=device),
+                )  # fmt: skip
+                if events.saves:
                     history["train_time_s"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     save(done)

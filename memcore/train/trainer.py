@@ -22,8 +22,8 @@ import math
 import pathlib
 import sys
 import time
-from collections.abc import Iterator
-from typing import Any, TextIO
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, TextIO
 
 import attrs
 import numpy as np
@@ -269,7 +269,7 @@ def train(
             for step in range(start, end):
                 last = _step(setup, config, step, last, history, bar, start)
                 done = last[0]
-                if (run.checkpoint_every and done % run.checkpoint_every == 0) or done == end:
+                if step_events(run, done, end).saves:
                     history["train_time_s"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     _save(setup, config, last[1], last[2], done, history)
@@ -332,8 +332,8 @@ def _step(
             f"Received: loss={res.loss} at step {step + 1}"
         )
     done = step + 1
-    logged = done % run.log_every == 0 or done == run.steps
-    if logged:  # accuracy of the parameters that produced this loss, on this batch
+    events = step_events(run, done, run.steps)
+    if events.logged:  # accuracy of the parameters that produced this loss, on this batch
         metrics = batch_metrics(be, setup.device, setup.dtype, config, params, batch)
         history["train"].append({"step": done, **metrics})
     params, opt, norm = adam_update(params, res.grads, opt, config.optim)
@@ -341,14 +341,51 @@ def _step(
     history["loss"].append(res.loss)
     history["grad_norm"].append(norm)
     history["peak_cache_bytes"] = max(history["peak_cache_bytes"], int(res.peak_cache_bytes))
-    if logged:
+    if events.logged:
         bar.show(done, start, res.loss, _metric_text(history["train"][-1]), force=True)
     else:
         bar.show(done, start, res.loss, "", force=False)
-    if run.eval_every and done % run.eval_every == 0 and done != run.steps:
+    if events.evals:
         metrics = evaluate(be, setup.device, setup.dtype, config, params)
         history["eval"].append({"step": done, **metrics})
     return done, params, opt
+
+
+class StepEvents(NamedTuple):
+    """What follows step ``done``: a log line, an evaluation, a checkpoint."""
+
+    logged: bool
+    evals: bool
+    saves: bool
+
+
+def step_events(run: Any, done: int, end: int) -> StepEvents:
+    """The one rule every training loop (generic and compiled) follows after step ``done``
+    (1-based) of a run that stops at ``end``."""
+    return StepEvents(
+        logged=done % run.log_every == 0 or done == run.steps,
+        evals=bool(run.eval_every and done % run.eval_every == 0 and done != run.steps),
+        saves=bool(run.checkpoint_every and done % run.checkpoint_every == 0) or done == end,
+    )
+
+
+def report_compiled_step(
+    history: dict[str, Any],
+    bar: Any,
+    start: int,
+    done: int,
+    events: StepEvents,
+    flush: Callable[[], None],
+    evaluate_now: Callable[[], dict[str, float]],
+) -> None:
+    """A compiled loop's bookkeeping after a step: read the device's pending losses when
+    anything is reported (the only host sync), show the log line, evaluate."""
+    if events.logged or events.evals or events.saves:
+        flush()
+    if events.logged:
+        bar.show(done, start, history["loss"][-1], _metric_text(history["train"][-1]), force=True)
+    if events.evals:
+        history["eval"].append({"step": done, **evaluate_now()})
 
 
 def _trim_history(history: dict[str, Any], done: int) -> None:
